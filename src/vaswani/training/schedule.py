@@ -1,0 +1,71 @@
+"""The paper's optimizer and learning-rate schedule (Vaswani et al. 2017, §5.3).
+
+``lrate = scale · d_model^-0.5 · min(step^-0.5, step · warmup_steps^-1.5)``: a linear warm-up over
+``warmup_steps`` updates, then decay proportional to the inverse square root of the step number. The peak,
+at ``step == warmup_steps``, is ``scale · d_model^-0.5 · warmup_steps^-0.5`` (≈ 7.0e-4 for d_model=512,
+warmup 4000).
+
+Step convention: the paper counts updates from 1. ``noam_lr`` takes that 1-based step and treats
+``step < 1`` as step 1, so step 0 never divides by zero. ``LambdaLR`` (and so the Trainer) counts
+scheduler steps from 0, and its value at count ``k`` is the learning rate of update ``k + 1``; the
+schedule from ``get_noam_schedule`` therefore evaluates ``noam_lr(k + 1)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def noam_lr(step: int, d_model: int, warmup_steps: int = 4000, scale: float = 1.0) -> float:
+    """Learning rate of update ``step`` (1-based; ``step < 1`` counts as 1) under the §5.3 schedule."""
+    if d_model < 1 or warmup_steps < 1:
+        raise ValueError(
+            f"noam_lr needs d_model >= 1 and warmup_steps >= 1, got d_model={d_model}, "
+            f"warmup_steps={warmup_steps}"
+        )
+    step = max(step, 1)
+    return scale * d_model**-0.5 * min(step**-0.5, step * warmup_steps**-1.5)
+
+
+class NoamLambda:
+    """Picklable ``LambdaLR`` multiplier: ``noam_lr(count + 1, ...)``.
+
+    A callable object rather than a closure so that ``LambdaLR.state_dict()`` stores its settings and a
+    resumed Trainer restores them.
+    """
+
+    def __init__(self, d_model: int, warmup_steps: int = 4000, scale: float = 1.0) -> None:
+        noam_lr(1, d_model, warmup_steps, scale)  # validate the arguments early
+        self.d_model = d_model
+        self.warmup_steps = warmup_steps
+        self.scale = scale
+
+    def __call__(self, count: int) -> float:
+        return noam_lr(count + 1, self.d_model, self.warmup_steps, self.scale)
+
+
+def get_noam_schedule(
+    optimizer: torch.optim.Optimizer,
+    d_model: int,
+    warmup_steps: int = 4000,
+    scale: float = 1.0,
+    last_epoch: int = -1,
+) -> LambdaLR:
+    """``LambdaLR`` implementing the §5.3 schedule, for ``Trainer(optimizers=(optimizer, schedule))``.
+
+    ``LambdaLR`` multiplies each group's base learning rate by the lambda, so this factory sets the base
+    learning rate (``initial_lr``) of every parameter group to 1.0: the schedule then *is* the learning
+    rate, whatever ``lr`` the optimizer was created with.
+    """
+    for group in optimizer.param_groups:
+        group["initial_lr"] = 1.0
+        group["lr"] = 1.0
+    return LambdaLR(optimizer, NoamLambda(d_model, warmup_steps, scale), last_epoch=last_epoch)
+
+
+def paper_adam(params: Iterable[torch.nn.Parameter] | Iterable[dict], lr: float = 1.0) -> torch.optim.Adam:
+    """Adam with β1 = 0.9, β2 = 0.98, ε = 1e-9 (§5.3); ``lr`` 1.0 so a ``get_noam_schedule`` sets it."""
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.98), eps=1e-9)
