@@ -1,0 +1,295 @@
+"""Token-based batching: pairs of similar length grouped into batches of at most N tokens (§5.1).
+
+The paper batches "sentence pairs ... by approximate sequence length", each batch holding about 25,000
+source and 25,000 target tokens. :class:`TokenBatchSampler` does that:
+
+* **Cost of a batch** = rows × max(longest source, longest target) in the batch, i.e. the number of
+  positions of the larger of the two padded tensors; it is at most ``max_tokens``, so both the padded
+  source and the padded target batch have at most ``max_tokens`` tokens. (A single pair longer than
+  ``max_tokens`` becomes a batch of its own, flagged by :meth:`TokenBatchSampler.oversized`.)
+* **Grouping**: pairs are sorted by (max length, source length, target length), ties in random order,
+  then packed greedily; the batch order is shuffled each epoch. Because packing depends only on the sorted
+  lengths, every epoch has the same number of batches.
+* **Determinism**: the order depends only on ``seed`` and the epoch (:meth:`set_epoch`).
+* **Processes**: with ``num_replicas`` > 1 each rank takes every ``num_replicas``-th batch of the same
+  global order (distinct batches, same count on every rank). When the batch list is not a multiple of
+  ``num_replicas`` the first batches of the epoch are repeated to fill the last round
+  (``drop_last=False``) or the last incomplete round is dropped (``drop_last=True``).
+  Under ``accelerate`` (``Accelerator.prepare`` or ``Trainer``) keep ``num_replicas=1``: accelerate
+  shards the batch sampler itself (``BatchSamplerShard``, round-robin, also repeating batches to even
+  the ranks out). With a plain ``torch.distributed`` DataLoader pass the world size and rank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+
+def _as_lengths(values: Sequence[int] | np.ndarray, name: str) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.int64)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of lengths")
+    if len(arr) and arr.min() < 0:
+        raise ValueError(f"{name} contains a negative length")
+    return arr
+
+
+def pack_by_tokens(order: np.ndarray, cost_lengths: np.ndarray, max_tokens: int) -> list[list[int]]:
+    """Greedily cut ``order`` into consecutive batches with rows × max(cost length) ≤ ``max_tokens``."""
+    batches: list[list[int]] = []
+    start, longest = 0, 0
+    lengths = cost_lengths[order]
+    for i, length in enumerate(lengths.tolist()):
+        new_longest = max(longest, length)
+        if i > start and new_longest * (i - start + 1) > max_tokens:
+            batches.append(order[start:i].tolist())
+            start, new_longest = i, length
+        longest = new_longest
+    if start < len(order):
+        batches.append(order[start:].tolist())
+    return batches
+
+
+class TokenBatchSampler(Sampler[list[int]]):
+    """Batches of sentence-pair indices with at most ``max_tokens`` tokens each (see the module docstring).
+
+    Args:
+        source_lengths, target_lengths: token counts of each pair (``</s>`` included).
+        max_tokens: token budget of a batch per side (paper: ~25,000).
+        shuffle: shuffle tie order and batch order each epoch; if False, batches come shortest first.
+        seed: base seed; the epoch's order is drawn from ``(seed, epoch)``.
+        num_replicas, rank: split the batches across processes (see module docstring).
+        drop_last: drop the last incomplete round of batches instead of repeating early ones.
+        max_sentences: optional cap on the rows of a batch.
+    """
+
+    def __init__(
+        self,
+        source_lengths: Sequence[int] | np.ndarray,
+        target_lengths: Sequence[int] | np.ndarray,
+        max_tokens: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = False,
+        max_sentences: int | None = None,
+    ) -> None:
+        self.source_lengths = _as_lengths(source_lengths, "source_lengths")
+        self.target_lengths = _as_lengths(target_lengths, "target_lengths")
+        if len(self.source_lengths) != len(self.target_lengths):
+            raise ValueError(
+                f"source_lengths has {len(self.source_lengths)} entries but target_lengths has "
+                f"{len(self.target_lengths)}; give one length per pair on each side"
+            )
+        if len(self.source_lengths) == 0:
+            raise ValueError("cannot batch an empty corpus")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(
+                f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}"
+            )
+        if max_sentences is not None and max_sentences < 1:
+            raise ValueError(f"max_sentences must be positive, got {max_sentences}")
+        self.max_tokens = int(max_tokens)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.drop_last = drop_last
+        self.max_sentences = max_sentences
+        self.epoch = 0
+        self.cost_lengths = np.maximum(self.source_lengths, self.target_lengths)
+        self._num_global = len(self._pack(np.arange(len(self.cost_lengths))))
+        if drop_last and self._num_global < self.num_replicas:
+            raise ValueError(
+                f"only {self._num_global} batches for {self.num_replicas} processes with drop_last=True; "
+                "lower max_tokens or use drop_last=False"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch, which (with the seed) determines the order of the next iteration."""
+        self.epoch = int(epoch)
+
+    def _pack(self, tie_order: np.ndarray) -> list[list[int]]:
+        # Stable sort by (cost, source, target) keeping the tie order given.
+        keys = (self.target_lengths[tie_order], self.source_lengths[tie_order], self.cost_lengths[tie_order])
+        order = tie_order[np.lexsort(keys)]
+        batches = pack_by_tokens(order, self.cost_lengths, self.max_tokens)
+        if self.max_sentences is not None:
+            batches = [
+                b[i : i + self.max_sentences] for b in batches for i in range(0, len(b), self.max_sentences)
+            ]
+        return batches
+
+    def global_batches(self, epoch: int | None = None) -> list[list[int]]:
+        """All batches of an epoch in order, before the split across processes."""
+        epoch = self.epoch if epoch is None else epoch
+        n = len(self.cost_lengths)
+        if not self.shuffle:
+            return self._pack(np.arange(n))
+        rng = np.random.default_rng([self.seed, epoch])
+        batches = self._pack(rng.permutation(n))
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def oversized(self) -> list[int]:
+        """Indices of pairs longer than ``max_tokens`` on either side (each forms a batch on its own)."""
+        return np.flatnonzero(self.cost_lengths > self.max_tokens).tolist()
+
+    def _rounds(self) -> int:
+        if self.drop_last:
+            return self._num_global // self.num_replicas
+        return math.ceil(self._num_global / self.num_replicas)
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch (the same on every rank)."""
+        return self._rounds()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.global_batches()
+        total = self._rounds() * self.num_replicas
+        if total > len(batches):
+            batches = batches + [batches[i % len(batches)] for i in range(total - len(batches))]
+        yield from batches[self.rank : total : self.num_replicas]
+
+
+def batch_padding(
+    batches: Sequence[Sequence[int]],
+    source_lengths: Sequence[int] | np.ndarray,
+    target_lengths: Sequence[int] | np.ndarray,
+) -> dict[str, float]:
+    """Padding of a list of batches when source and target are each padded to their batch's longest.
+
+    Returns ``real`` and ``padded`` token counts (source + target) and ``waste`` = pad tokens / all tokens.
+    """
+    src = np.asarray(source_lengths)
+    tgt = np.asarray(target_lengths)
+    real = padded = 0
+    for batch in batches:
+        s, t = src[list(batch)], tgt[list(batch)]
+        real += int(s.sum() + t.sum())
+        padded += len(batch) * int(s.max() + t.max())
+    return {"real": real, "padded": padded, "waste": 1.0 - real / padded if padded else 0.0}
+
+
+def random_token_batches(
+    source_lengths: Sequence[int] | np.ndarray,
+    target_lengths: Sequence[int] | np.ndarray,
+    max_tokens: int,
+    seed: int = 0,
+) -> list[list[int]]:
+    """Baseline: the same token budget, but pairs packed in random order (no length grouping)."""
+    cost = np.maximum(np.asarray(source_lengths), np.asarray(target_lengths))
+    order = np.random.default_rng(seed).permutation(len(cost))
+    return pack_by_tokens(order, cost, max_tokens)
+
+
+class Seq2SeqCollator:
+    """Pads ``input_ids`` (with ``attention_mask``) with ``<pad>`` and ``labels`` with -100, as tensors.
+
+    Like ``DataCollatorForSeq2Seq``; if ``model`` has ``prepare_decoder_input_ids_from_labels`` it also adds
+    ``decoder_input_ids`` (labels shifted right after ``decoder_start_token_id``). Extra columns are ignored.
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int = 0,
+        label_pad_token_id: int = -100,
+        model: Any = None,
+        pad_to_multiple_of: int | None = None,
+    ) -> None:
+        self.pad_token_id = pad_token_id
+        self.label_pad_token_id = label_pad_token_id
+        self.model = model
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        if self.pad_to_multiple_of:
+            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        out = torch.full((len(rows), width), value, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        return out
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        src = [list(f["input_ids"]) for f in features]
+        batch = {"input_ids": self._pad(src, self.pad_token_id)}
+        mask = torch.zeros_like(batch["input_ids"])
+        for i, r in enumerate(src):
+            mask[i, : len(r)] = 1
+        batch["attention_mask"] = mask
+        if "labels" in features[0]:
+            batch["labels"] = self._pad([list(f["labels"]) for f in features], self.label_pad_token_id)
+            prepare = getattr(self.model, "prepare_decoder_input_ids_from_labels", None)
+            if prepare is not None:
+                batch["decoder_input_ids"] = prepare(labels=batch["labels"])
+        return batch
+
+
+def token_batch_sampler_for(dataset: Any, max_tokens: int, **kwargs: Any) -> TokenBatchSampler:
+    """A :class:`TokenBatchSampler` over a tokenized dataset (``input_ids`` / ``labels`` columns)."""
+    from .data import sequence_lengths
+
+    return TokenBatchSampler(
+        sequence_lengths(dataset, "input_ids"), sequence_lengths(dataset, "labels"), max_tokens, **kwargs
+    )
+
+
+def build_dataloader(
+    dataset: Any,
+    max_tokens: int,
+    *,
+    collate_fn: Any = None,
+    model: Any = None,
+    pad_token_id: int = 0,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_replicas: int = 1,
+    rank: int = 0,
+    drop_last: bool = False,
+    max_sentences: int | None = None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader over a tokenized dataset with token-based batches (:class:`TokenBatchSampler`).
+
+    ``collate_fn`` defaults to :class:`Seq2SeqCollator` (a ``DataCollatorForSeq2Seq`` works too). Call
+    ``loader.batch_sampler.set_epoch(epoch)`` each epoch (accelerate's prepared loader forwards its own
+    ``set_epoch``). For ``accelerate``/``Trainer`` leave ``num_replicas=1`` and let accelerate shard; for a
+    plain ``torch.distributed`` job pass ``num_replicas=world_size, rank=rank``.
+    """
+    sampler = token_batch_sampler_for(
+        dataset,
+        max_tokens,
+        shuffle=shuffle,
+        seed=seed,
+        num_replicas=num_replicas,
+        rank=rank,
+        drop_last=drop_last,
+        max_sentences=max_sentences,
+    )
+    if collate_fn is None:
+        collate_fn = Seq2SeqCollator(pad_token_id=pad_token_id, model=model)
+    return DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers, pin_memory=pin_memory
+    )
+
+
+__all__ = [
+    "Seq2SeqCollator",
+    "TokenBatchSampler",
+    "batch_padding",
+    "build_dataloader",
+    "pack_by_tokens",
+    "random_token_batches",
+    "token_batch_sampler_for",
+]
