@@ -1,0 +1,175 @@
+"""The shared BPE tokenizer: special tokens, targets, lossless round trip, training errors, save/load."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, models
+from transformers import AutoTokenizer
+
+from vaswani.tokenization import (
+    MIN_VOCAB_SIZE,
+    VaswaniTokenizerFast,
+    load_tokenizer,
+    tokenizer_from_backend,
+    train_tokenizer,
+)
+from vaswani.training.data import read_lines, train_tokenizer_from_corpus
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+DATA = Path(__file__).resolve().parents[2] / "shared/data/multi30k"
+needs_data = pytest.mark.skipif(not (DATA / "train.en.gz").is_file(), reason="Multi30k not found")
+
+TRICKY = [
+    "Two young, White males are outside near many bushes.",
+    "Zwei junge weiße Männer sind im Freien in der Nähe vieler Büsche.",
+    "  leading and trailing spaces  ",
+    "double  spaces,\ttabs and (punctuation)!? « guillemets » — dashes… “quotes”",
+    "Ça coûte 3,50 € à l'hôtel Größe ÄÖÜ ß",
+    "emoji 😀👍🏽 and flags 🇩🇪",
+    "中文句子。日本語の文。한국어 문장.",
+    "decomposed e\u0301 vs composed é, ligature ﬁ, full-width ＡＢＣ",
+    "a",
+]
+
+
+def _corpus_lines(n: int) -> list[str]:
+    if (DATA / "train.en.gz").is_file():
+        en = list(read_lines(DATA / "train.en.gz"))[:n]
+        de = list(read_lines(DATA / "train.de.gz"))[:n]
+        return en + de
+    return [line for _ in range(50) for line in TRICKY]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(
+        _corpus_lines(3000), vocab_size=2000, min_frequency=2, show_progress=False, output_dir=out
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(folder: Path) -> VaswaniTokenizerFast:
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_auto_tokenizer_returns_the_class_and_fixed_special_ids(
+    tok: VaswaniTokenizerFast, folder: Path
+) -> None:
+    assert type(tok) is VaswaniTokenizerFast
+    assert (tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2, 3)
+    assert [tok.convert_ids_to_tokens(i) for i in range(4)] == ["<pad>", "<unk>", "<s>", "</s>"]
+    assert len(tok) == len(tok.get_vocab()) == (2000 if (DATA / "train.en.gz").is_file() else len(tok))
+    assert len(tok) <= 2000
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert config["auto_map"]["AutoTokenizer"][1] == "tokenization.VaswaniTokenizerFast"
+    assert (folder / "tokenization.py").is_file()
+
+
+def test_source_and_target_end_with_eos_without_bos(tok: VaswaniTokenizerFast) -> None:
+    enc = tok(["Two dogs run.", "A man."], text_target=["Zwei Hunde rennen.", "Ein Mann."])
+    assert set(enc) == {"input_ids", "attention_mask", "labels"}
+    for ids in enc["input_ids"] + enc["labels"]:
+        assert ids[-1] == tok.eos_token_id
+        assert tok.eos_token_id not in ids[:-1]
+        assert tok.bos_token_id not in ids and tok.pad_token_id not in ids
+    assert [sum(m) for m in enc["attention_mask"]] == [len(i) for i in enc["input_ids"]]
+    assert tok.batch_decode(enc["labels"], skip_special_tokens=True) == ["Zwei Hunde rennen.", "Ein Mann."]
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_lossless_on_tricky_text_and_no_unk(tok: VaswaniTokenizerFast, text: str) -> None:
+    ids = tok(text)["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+def test_padded_batch_decodes_to_the_text(tok: VaswaniTokenizerFast) -> None:
+    batch = tok(TRICKY, padding=True, return_tensors="pt")
+    assert batch["input_ids"].shape[0] == len(TRICKY)
+    assert tok.batch_decode(batch["input_ids"], skip_special_tokens=True) == TRICKY
+
+
+@needs_data
+@pytest.mark.parametrize("lang", ["en", "de"])
+def test_round_trip_on_all_multi30k_train_lines(tok: VaswaniTokenizerFast, lang: str) -> None:
+    lines = list(read_lines(DATA / f"train.{lang}.gz"))
+    assert len(lines) == 29000
+    decoded = tok.batch_decode(tok(lines)["input_ids"], skip_special_tokens=True)
+    differ = [(a, b) for a, b in zip(lines, decoded) if a != b]
+    exact = 1 - len(differ) / len(lines)
+    print(f"round trip {lang}: {exact:.4%} exact, differing: {differ[:3]}")
+    assert exact >= 0.999
+
+
+def test_vocab_smaller_than_alphabet_is_an_error() -> None:
+    with pytest.raises(ValueError, match="smaller than the alphabet"):
+        train_tokenizer(["a b c"], vocab_size=MIN_VOCAB_SIZE - 1, show_progress=False)
+    # The smallest legal vocabulary still encodes anything losslessly (bytes only).
+    small = train_tokenizer(TRICKY, vocab_size=MIN_VOCAB_SIZE, min_frequency=1, show_progress=False)
+    assert len(small) == MIN_VOCAB_SIZE
+    assert small.batch_decode(small(TRICKY)["input_ids"], skip_special_tokens=True) == TRICKY
+
+
+def test_empty_corpus_is_an_error() -> None:
+    with pytest.raises(ValueError, match="empty corpus"):
+        train_tokenizer([], vocab_size=1000, show_progress=False)
+    with pytest.raises(ValueError, match="empty corpus"):
+        train_tokenizer(["", ""], vocab_size=1000, show_progress=False)
+
+
+def test_backend_with_wrong_special_ids_is_refused() -> None:
+    backend = Tokenizer(models.BPE(vocab={"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3, "a": 4}, merges=[]))
+    with pytest.raises(ValueError, match="'<pad>' at id 0"):
+        tokenizer_from_backend(backend)
+
+
+def test_folder_missing_files_is_a_clear_error(folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(tmp_path / "nowhere")
+    (tmp_path / "tokenizer_config.json").write_text((folder / "tokenizer_config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="lacks tokenizer.json"):
+        load_tokenizer(tmp_path)
+    assert load_tokenizer(folder)("a b")["input_ids"][-1] == 3
+
+
+def test_train_from_files_is_joint_on_source_and_target(tmp_path: Path) -> None:
+    (tmp_path / "s.txt").write_text("hello world\n" * 20, encoding="utf-8")
+    (tmp_path / "t.txt").write_text("Grüße Welt\n" * 20, encoding="utf-8")
+    tok, report = train_tokenizer_from_corpus(
+        tmp_path / "s.txt",
+        tmp_path / "t.txt",
+        vocab_size=300,
+        output_dir=tmp_path / "out",
+        show_progress=False,
+    )
+    assert report.pairs == 20
+    vocab = tok.get_vocab()
+    assert "hello" in vocab and "Ġworld" in vocab
+    assert tok.convert_ids_to_tokens(tok("Grüße")["input_ids"][:-1]) == ["GrÃ¼ÃŁe"]  # byte-level form
+    assert type(AutoTokenizer.from_pretrained(tmp_path / "out")) is VaswaniTokenizerFast
+
+
+def test_fresh_process_loads_with_trust_remote_code_without_vaswani(folder: Path, tmp_path: Path) -> None:
+    code = f"""
+import sys
+sys.modules["vaswani"] = None  # the package is not importable here
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained({str(folder)!r}, trust_remote_code=True)
+assert type(tok).__module__.startswith("transformers_modules"), type(tok).__module__
+assert type(tok).__name__ == "VaswaniTokenizerFast"
+enc = tok(["Zwei Männer 😀."], text_target=["Two men 😀."])
+print(enc["input_ids"][0], enc["labels"][0], tok.batch_decode(enc["labels"], skip_special_tokens=True)[0])
+"""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    here = AutoTokenizer.from_pretrained(folder)(["Zwei Männer 😀."], text_target=["Two men 😀."])
+    assert out.stdout.strip() == f"{here['input_ids'][0]} {here['labels'][0]} Two men 😀."
