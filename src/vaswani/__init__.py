@@ -1,11 +1,25 @@
 """vaswani: the Transformer of "Attention Is All You Need" (Vaswani et al., 2017) for Hugging Face transformers."""
 
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from .configuration import PRESETS, VaswaniConfig
+from .modeling import VaswaniForConditionalGeneration, VaswaniModel, VaswaniPreTrainedModel
 from .tokenization import VaswaniTokenizerFast
 
+AutoConfig.register(VaswaniConfig.model_type, VaswaniConfig, exist_ok=True)
+AutoModel.register(VaswaniConfig, VaswaniModel, exist_ok=True)
+AutoModelForSeq2SeqLM.register(VaswaniConfig, VaswaniForConditionalGeneration, exist_ok=True)
+VaswaniConfig.register_for_auto_class()
+VaswaniModel.register_for_auto_class("AutoModel")
+VaswaniForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 AutoTokenizer.register(VaswaniConfig, tokenizer_class=VaswaniTokenizerFast, exist_ok=True)
 VaswaniTokenizerFast.register_for_auto_class("AutoTokenizer")
 
-__all__ = ["PRESETS", "VaswaniConfig", "VaswaniTokenizerFast"]
+__all__ = [
+    "PRESETS",
+    "VaswaniConfig",
+    "VaswaniForConditionalGeneration",
+    "VaswaniModel",
+    "VaswaniPreTrainedModel",
+    "VaswaniTokenizerFast",
+]

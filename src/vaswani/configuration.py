@@ -190,7 +190,9 @@ class VaswaniConfig(PreTrainedConfig):
 
 def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"VaswaniConfig.{field}={value!r} is not supported; use one of {', '.join(choices)}.")
+        raise ValueError(
+            f"VaswaniConfig.{field}={value!r} is not supported; use one of {', '.join(choices)}."
+        )
 
 
 def _largest_divisor_at_most(n: int, k: int) -> int:

@@ -1,0 +1,166 @@
+"""Convert between transformers' ``MarianMTModel`` (OPUS-MT checkpoints) and :class:`VaswaniForConditionalGeneration`.
+
+Marian is the same architecture (post-norm, sinusoidal positions, tied embeddings) with three choices
+that the Vaswani config expresses: ``[sin | cos]`` positions (``sinusoid_layout="concatenated"``), a bias
+on the output projection (``lm_head_bias``) and, in OPUS-MT, the swish activation. Weights are renamed,
+not changed, so the converted model computes the same function.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from transformers import GenerationConfig, MarianConfig, MarianMTModel
+
+from .configuration import VaswaniConfig
+from .modeling import VaswaniForConditionalGeneration
+
+#: (Marian name fragment, Vaswani name fragment); applied in order, each regex anchored on dots.
+_NAME_MAP = [
+    (r"\.self_attn_layer_norm\.", ".self_attn_add_norm.layer_norm."),
+    (r"\.encoder_attn_layer_norm\.", ".encoder_attn_add_norm.layer_norm."),
+    (r"\.final_layer_norm\.", ".feed_forward_add_norm.layer_norm."),
+    (r"\.fc1\.", ".feed_forward.fc1."),
+    (r"\.fc2\.", ".feed_forward.fc2."),
+]
+#: With separate vocabularies Marian has no ``shared`` table; Vaswani keeps the source table there.
+_SOURCE_EMBEDDING = ("model.encoder.embed_tokens.weight", "model.shared.weight")
+
+
+def _rename(name: str, to_vaswani: bool, shared_vocabulary: bool) -> str:
+    if not shared_vocabulary and name in _SOURCE_EMBEDDING:
+        return _SOURCE_EMBEDDING[1] if to_vaswani else _SOURCE_EMBEDDING[0]
+    for marian, vaswani in _NAME_MAP:
+        pattern, replacement = (
+            (marian, vaswani) if to_vaswani else (re.escape(vaswani), marian.replace("\\", ""))
+        )
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def vaswani_config_from_marian(config: MarianConfig) -> VaswaniConfig:
+    """The Vaswani config that computes what a Marian config computes; refuses what it cannot express."""
+    if getattr(config, "normalize_before", False) or getattr(config, "add_final_layer_norm", False):
+        raise ValueError(
+            "This Marian checkpoint uses pre-norm layers, which Marian checkpoints never do; cannot convert."
+        )
+    if config.encoder_layerdrop or config.decoder_layerdrop:
+        raise ValueError(
+            "LayerDrop is not part of the Vaswani model; set encoder/decoder_layerdrop=0 before converting."
+        )
+    if config.activation_function not in ("relu", "gelu", "gelu_new", "silu", "swish"):
+        raise ValueError(f"Marian activation {config.activation_function!r} has no Vaswani equivalent.")
+    return VaswaniConfig(
+        vocab_size=config.vocab_size,
+        decoder_vocab_size=config.decoder_vocab_size,
+        share_encoder_decoder_embeddings=config.share_encoder_decoder_embeddings,
+        tie_word_embeddings=config.tie_word_embeddings,
+        d_model=config.d_model,
+        encoder_layers=config.encoder_layers,
+        decoder_layers=config.decoder_layers,
+        encoder_attention_heads=config.encoder_attention_heads,
+        decoder_attention_heads=config.decoder_attention_heads,
+        encoder_ffn_dim=config.encoder_ffn_dim,
+        decoder_ffn_dim=config.decoder_ffn_dim,
+        activation_function=config.activation_function,
+        dropout=config.dropout,
+        attention_dropout=config.attention_dropout,
+        activation_dropout=config.activation_dropout,
+        max_position_embeddings=config.max_position_embeddings,
+        scale_embedding=config.scale_embedding,
+        sinusoid_layout="concatenated",
+        lm_head_bias=True,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        decoder_start_token_id=config.decoder_start_token_id,
+    )
+
+
+def marian_config_from_vaswani(config: VaswaniConfig) -> MarianConfig:
+    """The Marian config for a Vaswani model; refuses options Marian does not have (pre-norm, learned or
+    interleaved positions)."""
+    problems = []
+    if config.normalize_before:
+        problems.append("normalize_before=True (Marian is post-norm)")
+    if config.position_embedding_type != "sinusoidal" or config.sinusoid_layout != "concatenated":
+        problems.append(
+            f"positions {config.position_embedding_type}/{config.sinusoid_layout} (Marian has concatenated sinusoids)"
+        )
+    if problems:
+        raise ValueError("Cannot export to Marian: " + "; ".join(problems) + ".")
+    return MarianConfig(
+        vocab_size=config.vocab_size,
+        decoder_vocab_size=config.decoder_vocab_size,
+        share_encoder_decoder_embeddings=config.share_encoder_decoder_embeddings,
+        tie_word_embeddings=config.tie_word_embeddings,
+        d_model=config.d_model,
+        encoder_layers=config.encoder_layers,
+        decoder_layers=config.decoder_layers,
+        encoder_attention_heads=config.encoder_attention_heads,
+        decoder_attention_heads=config.decoder_attention_heads,
+        encoder_ffn_dim=config.encoder_ffn_dim,
+        decoder_ffn_dim=config.decoder_ffn_dim,
+        activation_function=config.activation_function,
+        dropout=config.dropout,
+        attention_dropout=config.attention_dropout,
+        activation_dropout=config.activation_dropout,
+        max_position_embeddings=config.max_position_embeddings,
+        scale_embedding=config.scale_embedding,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        forced_eos_token_id=None,
+        decoder_start_token_id=config.decoder_start_token_id,
+    )
+
+
+def _without_positions(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if "embed_positions" not in k}
+
+
+def marian_to_vaswani(marian: MarianMTModel) -> VaswaniForConditionalGeneration:
+    """A :class:`VaswaniForConditionalGeneration` with the weights of ``marian`` (same outputs)."""
+    config = vaswani_config_from_marian(marian.config)
+    model = VaswaniForConditionalGeneration(config).to(marian.dtype)
+    state = {}
+    for name, tensor in _without_positions(marian.state_dict()).items():
+        if name == "final_logits_bias":
+            state["lm_head.bias"] = tensor.reshape(-1)
+        else:
+            state[_rename(name, True, config.share_encoder_decoder_embeddings)] = tensor
+    _load_exactly(model, state)
+    model.generation_config = GenerationConfig.from_dict(marian.generation_config.to_dict())
+    return model.eval()
+
+
+def vaswani_to_marian(model: VaswaniForConditionalGeneration) -> MarianMTModel:
+    """A transformers ``MarianMTModel`` with the weights of ``model`` (e.g. for CTranslate2's converter)."""
+    marian = MarianMTModel(marian_config_from_vaswani(model.config)).to(model.dtype)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.bias":
+            state["final_logits_bias"] = tensor.reshape(1, -1)
+        else:
+            state[_rename(name, False, model.config.share_encoder_decoder_embeddings)] = tensor
+    if "final_logits_bias" not in state:
+        state["final_logits_bias"] = torch.zeros(1, model.config.decoder_vocab_size, dtype=model.dtype)
+    _load_exactly(marian, state)
+    marian.generation_config = GenerationConfig.from_dict(model.generation_config.to_dict())
+    return marian.eval()
+
+
+def _load_exactly(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state``; every parameter of ``model`` except fixed position tables must be filled."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if "embed_positions" not in k]
+    tied = {k for k in missing if k.endswith("embed_tokens.weight") or k == "lm_head.weight"}
+    missing = [k for k in missing if k not in tied]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"Weights do not match the converted architecture: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}."
+        )
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()

@@ -1,0 +1,53 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MULTI30K = REPO_ROOT.parent / "shared" / "data" / "multi30k"
+
+
+def tiny_config(**overrides):
+    from vaswani import VaswaniConfig
+
+    values = {
+        "vocab_size": 97,
+        "d_model": 32,
+        "encoder_layers": 2,
+        "decoder_layers": 2,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "encoder_ffn_dim": 64,
+        "decoder_ffn_dim": 64,
+    }
+    values.update(overrides)
+    return VaswaniConfig(**values)
+
+
+def tiny_model(seed: int = 0, **overrides):
+    from vaswani import VaswaniForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return VaswaniForConditionalGeneration(tiny_config(**overrides)).eval()
+
+
+def padded_batch(vocab_size: int = 97, lengths=(9, 6, 3), seed: int = 1, pad: int = 0, eos: int = 3):
+    """Source ids with right padding and an attention mask; each row ends with </s>."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, : length - 1] = torch.randint(4, vocab_size, (length - 1,), generator=generator)
+        ids[row, length - 1] = eos
+        mask[row, :length] = 1
+    return ids, mask
+
+
+@pytest.fixture
+def model():
+    return tiny_model()
