@@ -131,7 +131,203 @@ def _run_data_stats(args: argparse.Namespace) -> None:
           f"{grouped['waste']:.1%} (length-grouped) vs {shuffled['waste']:.1%} (random order)")
 
 
-COMMANDS = [_add_params, _add_average, _add_tokenizer, _add_data]
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a Transformer with the paper's recipe (§5) on a parallel corpus")
+    _corpus_args(p)
+    p.add_argument("--valid-source", help="validation source file (loss and BLEU during training)")
+    p.add_argument("--valid-target", help="validation target file")
+    p.add_argument("--output", type=Path, required=True, help="run folder: checkpoints and the final model")
+    p.add_argument("--preset", default="base", help="model size: base, big, small, multi30k, tiny (Table 3)")
+    p.add_argument("--config", type=Path, help="a config.json (folder or file) instead of --preset")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override config fields, e.g. --set dropout=0.3 encoder_layers=4")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer folder; default: train one on the corpus")
+    p.add_argument("--vocab-size", type=int, default=8000, help="vocabulary of a tokenizer trained on the fly")
+    p.add_argument("--max-length", type=int, default=256, help="drop pairs with a side over this many tokens")
+    p.add_argument("--max-tokens", type=int, default=4096, help="tokens per batch per process (paper: 25,000)")
+    p.add_argument("--update-tokens", type=int, help="tokens per update: accumulate batches up to this")
+    p.add_argument("--epochs", type=float, default=10.0)
+    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many updates (overrides --epochs)")
+    p.add_argument("--max-minutes", type=float, help="stop after this much wall time (a checkpoint is saved)")
+    p.add_argument("--warmup-steps", type=int, default=4000, help="learning-rate warm-up (paper: 4,000)")
+    p.add_argument("--lr-scale", type=float, default=1.0, help="factor on the paper's learning-rate schedule")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="ε_ls (paper: 0.1)")
+    p.add_argument("--eval-steps", type=int, default=500, help="validate every N updates (0: never)")
+    p.add_argument("--eval-beams", type=int, default=4, help="beam size of validation BLEU (paper: 4)")
+    p.add_argument("--eval-max-sentences", type=int, default=500, help="validate on at most this many pairs")
+    p.add_argument("--save-steps", type=int, default=500, help="checkpoint every N updates")
+    p.add_argument("--save-total-limit", type=int, default=5, help="keep at most this many checkpoints")
+    p.add_argument("--average-last", type=int, default=0,
+                   help="average the last N checkpoints into the final model (paper: 5 base, 20 big)")
+    p.add_argument("--logging-steps", type=int, default=50)
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (fast on recent CPUs and GPUs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace what --output holds")
+    p.add_argument("--report-to", default="all", help="Trainer loggers (tensorboard, trackio, ...; 'none')")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_run_train)
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    import json
+
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from .training.run import TrainSettings, train
+
+    valid = None
+    if args.valid_source or args.valid_target:
+        if not (args.valid_source and args.valid_target):
+            raise ValueError("give both --valid-source and --valid-target")
+        valid = {"source": args.valid_source, "target": args.valid_target}
+    settings = TrainSettings(
+        output_dir=args.output, train_corpus=_corpus_kwargs(args), valid_corpus=valid, preset=args.preset,
+        config_file=args.config, config_overrides=_parse_overrides(args.set), tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size, max_length=args.max_length, max_tokens=args.max_tokens,
+        update_tokens=args.update_tokens, epochs=args.epochs, max_steps=args.max_steps,
+        max_minutes=args.max_minutes, warmup_steps=args.warmup_steps, lr_scale=args.lr_scale,
+        label_smoothing=args.label_smoothing, eval_steps=args.eval_steps, eval_beams=args.eval_beams,
+        eval_max_sentences=args.eval_max_sentences, save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit, average_last=args.average_last, logging_steps=args.logging_steps,
+        bf16=args.bf16, seed=args.seed, resume=args.resume, overwrite=args.overwrite, report_to=args.report_to,
+        progress=not args.no_progress,
+    )
+    result = train(settings)
+    if result is not None:
+        print(f"trained {result.steps} steps in {result.train_seconds / 60:.1f} min "
+              f"({result.target_tokens_per_second:,.0f} target tokens/s); model saved to {result.output_dir}")
+        for key, value in result.eval_metrics.items():
+            print(f"  {key}: {value:.4g}")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="train on built-in English→German number words, translate, show results")
+    p.add_argument("--output", type=Path, default=Path("outputs/demo"), help="where data, model and plot go")
+    p.add_argument("--minutes", type=float, default=2.5, help="training time budget (default 2.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from .training.demo import print_demo, run_demo
+
+    print_demo(run_demo(args.output, minutes=args.minutes, seed=args.seed, progress=not args.no_progress))
+
+
+COMMANDS = [_add_params, _add_average, _add_tokenizer, _add_data, _add_train, _add_demo]
+
+
+def _add_attention(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "attention", help="draw encoder, masked decoder and encoder-decoder attention of one sentence (§3.2.3)"
+    )
+    p.add_argument("model_dir", type=Path, help="saved model folder with its tokenizer (e.g. outputs/demo/model)")
+    p.add_argument("source", help="the source sentence")
+    p.add_argument("--target", help="use this target instead of the model's translation (teacher forcing)")
+    p.add_argument("--output", type=Path, default=Path("attention"), help="folder for the PNGs and the HTML page")
+    p.add_argument("--max-tokens", type=int, default=40, help="draw at most this many tokens per side (default 40)")
+    p.add_argument("--layer", type=int, help="layer of the single-map pictures (default: mean of layers)")
+    p.add_argument("--head", type=int, help="head of the single-map pictures (default: mean of heads)")
+    p.add_argument("--steps", action="store_true",
+                   help="also draw encoder layer --layer (default 0), head --head (default 0) step by step")
+    p.set_defaults(func=_run_attention)
+
+
+def _run_attention(args: argparse.Namespace) -> None:
+    import warnings
+
+    from .visualize import (
+        attention_html,
+        capture_attention,
+        load_model_and_tokenizer,
+        plot_attention,
+        plot_encoder_layer,
+        prepare_output_dir,
+        trace_encoder_layer,
+    )
+
+    output = prepare_output_dir(args.output)  # fail before loading the model if it cannot be written
+    model, tokenizer = load_model_and_tokenizer(args.model_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        capture = capture_attention(model, tokenizer, args.source, args.target)
+        paths = plot_attention(capture, output, layer=args.layer, head=args.head, max_tokens=args.max_tokens)
+        paths.append(attention_html(capture, output / "attention.html", max_tokens=args.max_tokens))
+        if args.steps:
+            trace = trace_encoder_layer(model, tokenizer, args.source, layer=args.layer or 0)
+            paths += plot_encoder_layer(trace, output, head=args.head or 0)
+    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
+        print(f"note: {message}", file=sys.stderr)
+    print(f"source: {capture.source}")
+    print(f"target: {capture.target}{' (model translation)' if capture.translated else ''}")
+    for path in paths:
+        print(f"wrote {path}")
+
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="pictures of the model's fixed parts")
+    psub = p.add_subparsers(dest="plot_command", required=True)
+    pos = psub.add_parser("positions", help="sinusoidal positional encodings and their similarity (§3.5)")
+    pos.add_argument("--length", type=int, default=100, help="number of positions (default 100)")
+    pos.add_argument("--d-model", type=int, default=512, help="model dimension (default 512)")
+    pos.add_argument("--layout", choices=["interleaved", "concatenated"], default="interleaved",
+                     help="sin/cos on even/odd dimensions (the paper) or [sin | cos] (fairseq, Marian)")
+    pos.add_argument("--output", type=Path, default=Path("plots"), help="folder for the PNGs (default plots/)")
+    pos.set_defaults(func=_run_plot_positions)
+
+
+def _run_plot_positions(args: argparse.Namespace) -> None:
+    from .visualize import plot_positions
+
+    for path in plot_positions(args.output, length=args.length, d_model=args.d_model, layout=args.layout):
+        print(f"wrote {path}")
+
+
+def _add_align(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("align", help="score cross-attention as word alignment on the number corpus (§3.2.3)")
+    p.add_argument("model_dir", type=Path, help="model folder trained on number words (e.g. outputs/demo/model)")
+    p.add_argument("--sentences", type=int, default=500, help="number of random numbers to score (default 500)")
+    p.add_argument("--max-value", type=int, default=999_999, help="largest number drawn (default 999,999)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the drawn numbers")
+    p.add_argument("--row", choices=["predicting", "input"], default="predicting",
+                   help="decoder row of a target token: the step predicting it (default) or the one reading it")
+    p.set_defaults(func=_run_align)
+
+
+def _run_align(args: argparse.Namespace) -> None:
+    import random
+    import warnings
+
+    from .alignment import alignment_accuracy
+    from .training.numbers import MAX_VALUE, aligned_pair
+    from .visualize import load_model_and_tokenizer
+
+    if not 0 <= args.max_value <= MAX_VALUE:
+        raise ValueError(f"--max-value must be in 0 … {MAX_VALUE:,}, got {args.max_value}")
+    if not 1 <= args.sentences <= args.max_value + 1:
+        raise ValueError(f"--sentences must be in 1 … {args.max_value + 1:,} (distinct numbers), got {args.sentences}")
+    model, tokenizer = load_model_and_tokenizer(args.model_dir)
+    numbers = random.Random(args.seed).sample(range(args.max_value + 1), args.sentences)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the report's notes say the same
+        report = alignment_accuracy(model, tokenizer, [aligned_pair(n) for n in numbers], row=args.row)
+    print(report.table())
+
+
+COMMANDS += [_add_attention, _add_plot, _add_align]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -142,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError) as err:
         print(f"vaswani {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
 

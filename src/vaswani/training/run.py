@@ -1,0 +1,296 @@
+"""``vaswani train``: corpus → shared BPE → Transformer → trained, averaged model folder (§5, §6.1)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from transformers import Seq2SeqTrainingArguments, TrainerCallback
+
+from ..configuration import PRESETS, VaswaniConfig
+from ..modeling import VaswaniForConditionalGeneration
+from ..tokenization import load_tokenizer
+from .averaging import average_checkpoints, find_last_checkpoints
+from .data import load_parallel_corpus, tokenize_corpus, train_tokenizer_from_corpus
+from .metrics import make_compute_metrics
+from .trainer import (
+    TimeBudget,
+    VaswaniTrainer,
+    gradient_accumulation_for,
+    last_complete_checkpoint,
+    seq2seq_collator,
+)
+
+RUN_FILE = "vaswani_run.json"
+
+
+@dataclass
+class TrainSettings:
+    """Everything one training run needs; the command line maps onto these fields one to one."""
+
+    output_dir: Path
+    train_corpus: dict[str, Any]
+    valid_corpus: dict[str, Any] | None = None
+    preset: str = "base"
+    config_file: Path | None = None
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Path | None = None
+    vocab_size: int = 8000
+    max_length: int = 256
+    max_tokens: int = 4096
+    update_tokens: int | None = None
+    epochs: float = 10.0
+    max_steps: int = -1
+    max_minutes: float | None = None
+    warmup_steps: int = 4000
+    lr_scale: float = 1.0
+    label_smoothing: float = 0.1
+    eval_steps: int = 500
+    eval_beams: int = 4
+    eval_max_sentences: int | None = 500
+    save_steps: int = 500
+    save_total_limit: int | None = 5
+    average_last: int = 0
+    logging_steps: int = 50
+    bf16: bool = False
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    report_to: str = "all"
+    progress: bool = True
+
+
+def prepare_output_dir(settings: TrainSettings) -> None:
+    """Refuse to mix two runs in one folder: a used folder needs ``overwrite`` (start again) or ``resume``."""
+    out = settings.output_dir
+    used = out.exists() and any(out.iterdir())
+    if settings.resume:
+        if last_complete_checkpoint(out) is None:
+            raise ValueError(
+                f"--resume: {out} holds no complete checkpoint-<step> folder to resume from; "
+                "start a new run without --resume."
+            )
+        return
+    if used and not settings.overwrite:
+        raise FileExistsError(
+            f"{out} already holds files (another run?). Pass --resume to continue it or --overwrite to replace it."
+        )
+    if used:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def build_config(settings: TrainSettings, tokenizer: Any) -> VaswaniConfig:
+    """The model config from a preset or config file, checked against the tokenizer it will read."""
+    ids = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "decoder_start_token_id": tokenizer.bos_token_id,
+    }
+    if settings.config_file is not None:
+        config = VaswaniConfig.from_pretrained(settings.config_file, **settings.config_overrides)
+        if config.vocab_size < len(tokenizer):
+            raise ValueError(
+                f"The config's vocab_size ({config.vocab_size}) is smaller than the tokenizer's vocabulary "
+                f"({len(tokenizer)}); set vocab_size >= {len(tokenizer)} or use the tokenizer the config was made for."
+            )
+        wrong = {k: (getattr(config, k), v) for k, v in ids.items() if getattr(config, k) != v}
+        if wrong:
+            detail = ", ".join(f"{k}={a} but the tokenizer has {b}" for k, (a, b) in wrong.items())
+            raise ValueError(f"The config contradicts the tokenizer: {detail}. Make them agree.")
+        return config
+    if settings.preset not in PRESETS:
+        raise ValueError(f"Unknown preset {settings.preset!r}; choose one of {', '.join(PRESETS)}.")
+    return VaswaniConfig.from_preset(settings.preset, vocab_size=len(tokenizer), **ids, **settings.config_overrides)
+
+
+def get_tokenizer(settings: TrainSettings) -> Any:
+    """The run's tokenizer: the one given, the one saved by the run being resumed, or a new one (§5.1)."""
+    saved = settings.output_dir / "tokenizer.json"
+    if settings.resume and saved.exists():
+        return load_tokenizer(settings.output_dir)
+    if settings.tokenizer is not None:
+        tokenizer = load_tokenizer(settings.tokenizer)
+    else:
+        tokenizer, _ = train_tokenizer_from_corpus(
+            **settings.train_corpus, vocab_size=settings.vocab_size, show_progress=settings.progress
+        )
+    tokenizer.save_pretrained(settings.output_dir)
+    return tokenizer
+
+
+def tokenized_split(corpus: dict[str, Any], tokenizer: Any, settings: TrainSettings, limit: int | None = None):
+    pairs, load_report = load_parallel_corpus(**corpus)
+    if limit is not None and len(pairs) > limit:
+        pairs = pairs.select(range(limit))
+    tokenized, report = tokenize_corpus(pairs, tokenizer, max_length=settings.max_length)
+    return tokenized, load_report, report
+
+
+def training_arguments(settings: TrainSettings, has_eval: bool) -> Seq2SeqTrainingArguments:
+    """Trainer arguments for the recipe; the learning rate is the schedule itself (§5.3), so lr = 1."""
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    evaluate = has_eval and settings.eval_steps > 0
+    return Seq2SeqTrainingArguments(
+        output_dir=str(settings.output_dir),
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        gradient_accumulation_steps=gradient_accumulation_for(settings.update_tokens, settings.max_tokens, world_size),
+        per_device_eval_batch_size=32,
+        learning_rate=1.0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=settings.eval_steps if evaluate else None,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=max(settings.save_total_limit or 0, settings.average_last) or None,
+        logging_steps=settings.logging_steps,
+        predict_with_generate=True,
+        generation_num_beams=settings.eval_beams,
+        bf16=settings.bf16,
+        seed=settings.seed,
+        report_to=settings.report_to,
+        disable_tqdm=not settings.progress,
+        ddp_find_unused_parameters=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports; also written to ``<output_dir>/vaswani_run.json``."""
+
+    output_dir: str
+    steps: int
+    train_pairs: int
+    parameters: int
+    train_seconds: float
+    target_tokens_per_second: float
+    final_loss: float | None
+    eval_metrics: dict[str, float]
+    averaged_checkpoints: list[str]
+    world_size: int
+
+
+def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult | None:
+    """Run the recipe: tokenizer, model, ``VaswaniTrainer``, checkpoint averaging, curves; save a model folder
+    that ``AutoModelForSeq2SeqLM`` and ``AutoTokenizer`` load (with the paper's generation config).
+
+    ``callbacks`` are extra ``TrainerCallback`` s. Returns None on processes other than the main one."""
+    state = PartialState()
+    with state.main_process_first():  # one process prepares the folder and the tokenizer, the others load it
+        if state.is_main_process:
+            prepare_output_dir(settings)
+            tokenizer = get_tokenizer(settings)
+        else:
+            tokenizer = load_tokenizer(settings.output_dir)
+    config = build_config(settings, tokenizer)
+    train_set, _, train_report = tokenized_split(settings.train_corpus, tokenizer, settings)
+    valid_set = None
+    if settings.valid_corpus is not None:
+        valid_set, _, _ = tokenized_split(settings.valid_corpus, tokenizer, settings, settings.eval_max_sentences)
+    print(
+        f"training pairs: {train_report.pairs_out} ({train_report.overlong_dropped} over {settings.max_length} "
+        "tokens dropped)"
+    )
+
+    torch.manual_seed(settings.seed)
+    model = VaswaniForConditionalGeneration(config)
+    callbacks = [*callbacks] + ([TimeBudget(settings.max_minutes)] if settings.max_minutes else [])
+    trainer = VaswaniTrainer(
+        model=model,
+        args=training_arguments(settings, valid_set is not None),
+        train_dataset=train_set,
+        eval_dataset=valid_set,
+        data_collator=seq2seq_collator(tokenizer, model),
+        processing_class=tokenizer,
+        compute_metrics=make_compute_metrics(tokenizer, tokenizer.pad_token_id),
+        callbacks=callbacks,
+        max_tokens=settings.max_tokens,
+        warmup_steps=settings.warmup_steps,
+        lr_scale=settings.lr_scale,
+        label_smoothing=settings.label_smoothing,
+    )
+    resume_from = str(last_complete_checkpoint(settings.output_dir)) if settings.resume else None
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    bad_step = trainer.nonfinite.bad_step
+    if bad_step is not None:
+        last = last_complete_checkpoint(settings.output_dir)
+        raise ValueError(
+            f"The training loss became NaN/inf at step {bad_step}; stopped without saving that state. "
+            f"The last good checkpoint is {last}; resume from it with --resume and a lower --lr-scale or "
+            "a longer --warmup-steps."
+        )
+    if not trainer.is_world_process_zero():
+        return None
+
+    averaged: list[str] = []
+    if settings.average_last > 1:  # §6.1: average the last N checkpoints
+        checkpoints = find_last_checkpoints(settings.output_dir, settings.average_last)
+        averaged_dir = average_checkpoints(checkpoints, settings.output_dir / "averaged", overwrite=True)
+        model = VaswaniForConditionalGeneration.from_pretrained(averaged_dir)
+        trainer.model = model
+        shutil.rmtree(averaged_dir)
+        averaged = [str(c) for c in checkpoints]
+    trainer.save_model(str(settings.output_dir))
+    tokenizer.save_pretrained(settings.output_dir)
+
+    eval_metrics = trainer.evaluate() if valid_set is not None else {}
+    train_tokens = sum(len(x) for x in train_set["labels"])
+    seconds = output.metrics.get("train_runtime", 0.0)
+    epochs_done = output.metrics.get("epoch", trainer.state.epoch or 0.0)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    result = TrainResult(
+        output_dir=str(settings.output_dir),
+        steps=trainer.state.global_step,
+        train_pairs=len(train_set),
+        parameters=model.num_parameters(),
+        train_seconds=seconds,
+        target_tokens_per_second=train_tokens * epochs_done / seconds if seconds else math.nan,
+        final_loss=losses[-1] if losses else None,
+        eval_metrics={k: float(v) for k, v in eval_metrics.items() if isinstance(v, (int, float))},
+        averaged_checkpoints=averaged,
+        world_size=trainer.args.world_size,
+    )
+    plot_training_curves(trainer.state.log_history, settings.output_dir / "training_curves.png")
+    settings_record = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}
+    (settings.output_dir / RUN_FILE).write_text(
+        json.dumps({"settings": settings_record, "result": asdict(result)}, indent=2, default=str)
+    )
+    return result
+
+
+def plot_training_curves(log_history: list[dict[str, Any]], path: Path) -> Path:
+    """Training loss, learning rate and validation loss/BLEU against the step, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {
+        "training loss": [(e["step"], e["loss"]) for e in log_history if "loss" in e],
+        "learning rate": [(e["step"], e["learning_rate"]) for e in log_history if "learning_rate" in e],
+        "validation loss": [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e],
+        "validation BLEU": [(e["step"], e["eval_bleu"]) for e in log_history if "eval_bleu" in e],
+    }
+    series = {name: points for name, points in series.items() if points}
+    fig, axes = plt.subplots(1, max(1, len(series)), figsize=(4 * max(1, len(series)), 3.2), squeeze=False)
+    for ax, (name, points) in zip(axes[0], series.items()):
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="." if len(points) < 30 else None)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

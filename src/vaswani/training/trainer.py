@@ -1,0 +1,181 @@
+"""The paper's training recipe (§5) on transformers' ``Seq2SeqTrainer``.
+
+:class:`VaswaniTrainer` is a ``Seq2SeqTrainer`` whose training batches come from
+:class:`~vaswani.training.batching.TokenBatchSampler` (about N tokens per batch, §5.1), whose optimizer and
+schedule are the paper's Adam and warm-up/inverse-square-root rate (§5.3), and whose loss is label-smoothed
+cross-entropy (§5.4). Everything else — gradient accumulation, mixed precision, checkpoints with optimizer
+and RNG state, resuming, evaluation with ``generate()`` and sacreBLEU, logging, DDP/FSDP through
+``accelerate`` — is the Trainer's own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch.utils.data import DataLoader
+from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, TrainerCallback
+
+from .batching import token_batch_sampler_for
+from .loss import make_compute_loss_func
+from .schedule import get_noam_schedule, paper_adam
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class VaswaniTrainer(Seq2SeqTrainer):
+    """``Seq2SeqTrainer`` with token-based batches, the paper's Adam + schedule and label smoothing.
+
+    Args:
+        max_tokens: token budget of one training batch on one process (paper: ~25,000 per side in total).
+        warmup_steps: warm-up of the learning-rate schedule (paper: 4,000).
+        lr_scale: factor on the schedule (paper: 1.0).
+        label_smoothing: ε_ls (paper: 0.1).
+        Other arguments are ``Seq2SeqTrainer``'s.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        max_tokens: int = 25000,
+        warmup_steps: int = 4000,
+        lr_scale: float = 1.0,
+        label_smoothing: float = 0.1,
+        **kwargs: Any,
+    ) -> None:
+        if label_smoothing:
+            kwargs.setdefault("compute_loss_func", make_compute_loss_func(label_smoothing))
+        self.nonfinite = StopOnNonFiniteLoss()
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.nonfinite]
+        super().__init__(*args, **kwargs)
+        self.max_tokens = max_tokens
+        self.warmup_steps = warmup_steps
+        self.lr_scale = lr_scale
+
+    def get_train_dataloader(self) -> DataLoader:
+        """Batches of similar-length pairs with at most ``max_tokens`` tokens, shuffled per epoch with the
+        run's seed; ``accelerate`` hands distinct batches to each process."""
+        if self.train_dataset is None:
+            raise ValueError("VaswaniTrainer needs a train_dataset.")
+        sampler = token_batch_sampler_for(self.train_dataset, self.max_tokens, seed=self.args.seed)
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.nonfinite.report(loss, self.state.global_step + 1)
+        return loss
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """Adam with β1 = 0.9, β2 = 0.98, ε = 1e-9 (§5.3)."""
+        if self.optimizer is None:
+            model = model if model is not None else self.model
+            self.optimizer = paper_adam([p for p in model.parameters() if p.requires_grad])
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """lrate = scale · d_model^-0.5 · min(step^-0.5, step · warmup^-1.5) (§5.3)."""
+        if self.lr_scheduler is None:
+            d_model = self.model.config.d_model
+            self.lr_scheduler = get_noam_schedule(
+                optimizer or self.optimizer, d_model, warmup_steps=self.warmup_steps, scale=self.lr_scale
+            )
+        return self.lr_scheduler
+
+
+def seq2seq_collator(tokenizer: Any, model: Any) -> DataCollatorForSeq2Seq:
+    """transformers' collator: pads sources with ``<pad>``, labels with -100, adds shifted decoder inputs."""
+    return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=8)
+
+
+def gradient_accumulation_for(update_tokens: int | None, max_tokens: int, world_size: int = 1) -> int:
+    """Batches to accumulate so that one update sees about ``update_tokens`` tokens (≥ 1)."""
+    if not update_tokens:
+        return 1
+    return max(1, math.ceil(update_tokens / (max_tokens * world_size)))
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stop the run at the first NaN or infinite training loss, without saving the broken state.
+
+    :class:`VaswaniTrainer` reports every step's loss (:meth:`report`); the step that broke is neither saved
+    nor continued, so the last checkpoint on disk holds good weights to ``--resume`` from (perhaps with a
+    lower learning rate).
+    """
+
+    def __init__(self) -> None:
+        self.bad_step: int | None = None
+
+    def report(self, loss: torch.Tensor, step: int) -> None:
+        if self.bad_step is None and not torch.isfinite(loss.detach()).all():
+            self.bad_step = step
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: D102
+        if self.bad_step is not None:
+            control.should_training_stop = True
+            control.should_save = False
+            control.should_evaluate = False
+        return control
+
+
+class TimeBudget(TrainerCallback):
+    """Stop training after ``minutes`` of wall time (the demo's "trains in at most N minutes")."""
+
+    def __init__(self, minutes: float) -> None:
+        self.seconds = minutes * 60
+        self.start = time.monotonic()
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: D102
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: D102
+        if time.monotonic() - self.start > self.seconds:
+            control.should_training_stop = True
+            control.should_save = True
+        return control
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    """A checkpoint is usable when its weights, optimizer, scheduler and trainer state are all readable.
+
+    The Trainer writes ``trainer_state.json`` last, so a run killed while writing leaves a folder that
+    fails this check (missing or unparsable files) and is skipped on resume.
+    """
+    needed = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+    if not all((folder / name).is_file() for name in needed):
+        return False
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+            weights.keys()
+    except (OSError, ValueError, json.JSONDecodeError, Exception):  # safetensors raises its own error type
+        return False
+    return True
+
+
+def last_complete_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest ``checkpoint-<step>`` folder of ``run_dir`` that :func:`is_complete_checkpoint` accepts."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    steps = sorted(
+        (int(p.name[len(CHECKPOINT_PREFIX) :]), p)
+        for p in run_dir.iterdir()
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    )
+    for _, folder in reversed(steps):
+        if is_complete_checkpoint(folder):
+            return folder
+    return None

@@ -1,0 +1,299 @@
+"""The training recipe end to end: vaswani train, resume after SIGKILL, bad input, several processes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, TrainerControl, TrainerState, TrainingArguments
+
+from vaswani.training.numbers import make_number_corpus, write_parallel_corpus
+from vaswani.training.run import TrainSettings, train
+from vaswani.training.trainer import StopOnNonFiniteLoss, last_complete_checkpoint
+
+TINY = {
+    "d_model": 32,
+    "encoder_layers": 1,
+    "decoder_layers": 1,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+    "encoder_attention_heads": 2,
+    "decoder_attention_heads": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("numbers")
+    write_parallel_corpus(make_number_corpus(240, 16, 16, seed=1, max_value=9999), out)
+    return out
+
+
+def settings_for(corpus_dir: Path, output: Path, **overrides) -> TrainSettings:
+    values = dict(
+        output_dir=output,
+        train_corpus={"source": corpus_dir / "train.en", "target": corpus_dir / "train.de"},
+        preset="tiny",
+        config_overrides=dict(TINY),
+        vocab_size=300,
+        max_tokens=400,
+        max_steps=6,
+        warmup_steps=10,
+        save_steps=3,
+        logging_steps=1,
+        eval_steps=0,
+        report_to="none",
+        progress=False,
+        seed=3,
+    )
+    values.update(overrides)
+    return TrainSettings(**values)
+
+
+def test_train_produces_a_loadable_model_folder(corpus_dir, tmp_path):
+    valid = {"source": corpus_dir / "validation.en", "target": corpus_dir / "validation.de"}
+    result = train(
+        settings_for(corpus_dir, tmp_path / "run", valid_corpus=valid, eval_beams=1, eval_steps=3, average_last=2)
+    )
+    out = tmp_path / "run"
+    assert result.steps == 6 and result.final_loss is not None
+    assert len(result.averaged_checkpoints) == 2
+    assert {"eval_loss", "eval_bleu", "eval_bleu_lowercase"} <= set(result.eval_metrics)
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "training_curves.png",
+        "vaswani_run.json",
+    ):
+        assert (out / name).exists(), name
+    model = AutoModelForSeq2SeqLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.generation_config.num_beams == 4
+    batch = tokenizer(["forty-two"], return_tensors="pt")
+    assert model.generate(**batch, max_new_tokens=5).shape[0] == 1
+    # the final model is the average of the last two checkpoints (§6.1)
+    a, b = (load_file(out / f"checkpoint-{s}" / "model.safetensors") for s in (3, 6))
+    final = load_file(out / "model.safetensors")
+    key = "model.encoder.layers.0.feed_forward.fc1.weight"
+    assert torch.allclose(final[key], (a[key] + b[key]) / 2, atol=1e-6)
+    log = json.loads((out / "vaswani_run.json").read_text())
+    assert log["result"]["steps"] == 6
+
+
+def test_bad_input_is_refused(corpus_dir, tmp_path):
+    with pytest.raises(ValueError, match="Unknown preset 'gigantic'"):
+        train(settings_for(corpus_dir, tmp_path / "a", preset="gigantic"))
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "something.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="--resume .* or --overwrite"):
+        train(settings_for(corpus_dir, used))
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        train(settings_for(corpus_dir, used, resume=True))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="empty"):
+        train(settings_for(corpus_dir, tmp_path / "b", train_corpus={"source": empty, "target": empty}))
+
+
+def test_config_contradicting_tokenizer(corpus_dir, tmp_path):
+    from vaswani import VaswaniConfig
+
+    VaswaniConfig(vocab_size=50, **TINY).save_pretrained(tmp_path / "cfg")
+    with pytest.raises(ValueError, match="vocab_size .50. is smaller than the tokenizer's vocabulary"):
+        train(settings_for(corpus_dir, tmp_path / "c", config_file=tmp_path / "cfg"))
+    VaswaniConfig(vocab_size=400, eos_token_id=5, **TINY).save_pretrained(tmp_path / "cfg2")
+    with pytest.raises(ValueError, match="eos_token_id=5 but the tokenizer has 3"):
+        train(settings_for(corpus_dir, tmp_path / "d", config_file=tmp_path / "cfg2"))
+
+
+def test_non_finite_loss_stops_without_saving():
+    guard = StopOnNonFiniteLoss()
+    control = TrainerControl(should_save=True)
+    args = TrainingArguments(output_dir="/tmp/unused", report_to="none")
+    guard.report(torch.tensor(2.0), 6)
+    guard.on_step_end(args, TrainerState(), control)
+    assert not control.should_training_stop and control.should_save
+    guard.report(torch.tensor(float("nan")), 7)
+    guard.on_step_end(args, TrainerState(), control)
+    assert control.should_training_stop and not control.should_save and guard.bad_step == 7
+
+
+def test_diverging_run_reports_nan_and_keeps_last_good_checkpoint(corpus_dir, tmp_path):
+    with pytest.raises(ValueError, match="NaN/inf at step"):
+        train(settings_for(corpus_dir, tmp_path / "nan", lr_scale=1e12, max_steps=40, warmup_steps=1))
+    saved = last_complete_checkpoint(tmp_path / "nan")
+    if saved is not None:  # whatever was saved holds finite weights
+        assert all(torch.isfinite(t).all() for t in load_file(saved / "model.safetensors").values())
+
+
+_RUN_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from transformers import TrainerCallback
+sys.path.insert(0, {tests!r})
+from test_training import settings_for
+
+class KillAt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+from vaswani.training.run import train
+settings = settings_for(Path({corpus!r}), Path({out!r}), config_overrides=dict({overrides!r}), resume={resume})
+train(settings, callbacks=[KillAt()] if {kill_at} else [])
+"""
+
+
+def _run(corpus_dir: Path, out: Path, kill_at: int = 0, resume: bool = False) -> int:
+    from test_training import TINY as tiny
+
+    script = _RUN_SCRIPT.format(
+        tests=str(Path(__file__).parent),
+        corpus=str(corpus_dir),
+        out=str(out),
+        kill_at=kill_at,
+        resume=resume,
+        overrides={**tiny, "dropout": 0.1},
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=600).returncode
+
+
+def test_killed_run_resumes_to_the_same_parameters(corpus_dir, tmp_path):
+    assert _run(corpus_dir, tmp_path / "straight") == 0
+    assert _run(corpus_dir, tmp_path / "killed", kill_at=5) == -9  # SIGKILL after checkpoint-3
+    killed = tmp_path / "killed"
+    assert last_complete_checkpoint(killed).name == "checkpoint-3"
+    # a checkpoint torn by a kill during writing is skipped, not loaded
+    torn = killed / "checkpoint-4"
+    shutil.copytree(killed / "checkpoint-3", torn)
+    (torn / "trainer_state.json").write_text('{"global_step": 4, "log_hi')
+    assert last_complete_checkpoint(killed).name == "checkpoint-3"
+    shutil.rmtree(torn)
+    assert _run(corpus_dir, killed, resume=True) == 0
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(killed / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
+
+
+_DDP_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from accelerate import Accelerator
+    from vaswani import VaswaniConfig, VaswaniForConditionalGeneration
+    from vaswani.training.loss import label_smoothed_cross_entropy
+    from vaswani.training.schedule import get_noam_schedule, paper_adam
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    config = VaswaniConfig(vocab_size=60, d_model=32, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=64,
+                           decoder_ffn_dim=64, encoder_attention_heads=4, decoder_attention_heads=4, dropout=0.0)
+    model = VaswaniForConditionalGeneration(config)
+    optimizer = paper_adam(model.parameters())
+    schedule = get_noam_schedule(optimizer, config.d_model, warmup_steps=4)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(3):
+        ids = torch.randint(4, 60, (8, 7), generator=generator)
+        labels = torch.randint(4, 60, (8, 5), generator=generator)
+        labels[::3, 3:] = -100  # uneven token counts per row
+        total_tokens = (labels != -100).sum()
+        rank, world = accelerator.process_index, accelerator.num_processes
+        mine = slice(rank, None, world)  # this process's half of the batch
+        logits = model(input_ids=ids[mine], labels=labels[mine]).logits
+        # normalise by the whole batch's tokens; DDP averages gradients, so scale by the world size
+        loss = label_smoothed_cross_entropy(logits, labels[mine], 0.1, num_items_in_batch=total_tokens) * world
+        accelerator.backward(loss)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    if accelerator.is_main_process:
+        torch.save(accelerator.unwrap_model(model).state_dict(), sys.argv[1])
+""")
+
+
+def _accelerate(num_processes: int, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_processes",
+        str(num_processes),
+        "--main_process_port",
+        "29517",
+    ]
+    if num_processes > 1:
+        launcher.append("--multi_gpu")
+    return subprocess.run(launcher + args, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+def test_two_processes_with_half_batches_equal_one_process(tmp_path):
+    script = tmp_path / "ddp_step.py"
+    script.write_text(_DDP_SCRIPT)
+    for n in (1, 2):
+        result = _accelerate(n, [str(script), str(tmp_path / f"params{n}.pt")], tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (torch.load(tmp_path / f"params{n}.pt", weights_only=True) for n in (1, 2))
+    for key in one:
+        if key.endswith("k_proj.bias"):
+            # softmax ignores a shift shared by all keys, so this gradient is exactly 0 in real arithmetic;
+            # Adam divides its rounding noise by its own size and turns it into full-size random steps
+            continue
+        assert (one[key] - two[key]).abs().max() < 1e-5, key
+
+
+def test_vaswani_train_under_accelerate_launch_two_processes(corpus_dir, tmp_path):
+    args = [
+        "-m",
+        "vaswani",
+        "train",
+        "--source",
+        str(corpus_dir / "train.en"),
+        "--target",
+        str(corpus_dir / "train.de"),
+        "--output",
+        str(tmp_path / "ddp"),
+        "--preset",
+        "tiny",
+        "--set",
+        "d_model=32",
+        "encoder_layers=1",
+        "decoder_layers=1",
+        "encoder_ffn_dim=64",
+        "decoder_ffn_dim=64",
+        "--vocab-size",
+        "300",
+        "--max-tokens",
+        "300",
+        "--max-steps",
+        "3",
+        "--save-steps",
+        "3",
+        "--eval-steps",
+        "0",
+        "--report-to",
+        "none",
+        "--no-progress",
+    ]
+    result = _accelerate(2, args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((tmp_path / "ddp" / "vaswani_run.json").read_text())
+    assert run["result"]["world_size"] == 2
+    assert AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "ddp").config.d_model == 32
