@@ -76,8 +76,7 @@ def collect_checkpoints(paths: Sequence[Path | str], last: int | None = None) ->
         numbered = _numbered_checkpoints(path)
         if not numbered:
             raise FileNotFoundError(
-                f"{path} is neither a checkpoint (no {WEIGHTS_NAME}) nor a run directory "
-                "(no checkpoint-<step> folders)"
+                f"{path} is neither a checkpoint (no {WEIGHTS_NAME}) nor a run directory (no checkpoint-<step> folders)"
             )
         checkpoints.extend(numbered)
     if last is None:
@@ -85,9 +84,7 @@ def collect_checkpoints(paths: Sequence[Path | str], last: int | None = None) ->
     if last < 1:
         raise ValueError(f"--last must be >= 1, got {last}")
     if len(checkpoints) < last:
-        raise ValueError(
-            f"asked for the last {last} checkpoints but found only {len(checkpoints)}; lower --last"
-        )
+        raise ValueError(f"asked for the last {last} checkpoints but found only {len(checkpoints)}; lower --last")
     return checkpoints[-last:]
 
 
@@ -102,9 +99,7 @@ def _weights_file(checkpoint: Path) -> Path:
             f"{checkpoint} holds sharded weights; averaging needs a single {WEIGHTS_NAME} "
             "(save with a larger max_shard_size)"
         )
-    raise FileNotFoundError(
-        f"{checkpoint} has no {WEIGHTS_NAME}; is it a model folder saved by save_pretrained?"
-    )
+    raise FileNotFoundError(f"{checkpoint} has no {WEIGHTS_NAME}; is it a model folder saved by save_pretrained?")
 
 
 def _check_same_layout(reference: dict[str, torch.Tensor], ref_file: Path, tensors: dict, file: Path) -> None:

@@ -94,9 +94,7 @@ class TokenBatchSampler(Sampler[list[int]]):
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(
-                f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}"
-            )
+            raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}")
         if max_sentences is not None and max_sentences < 1:
             raise ValueError(f"max_sentences must be positive, got {max_sentences}")
         self.max_tokens = int(max_tokens)
@@ -125,9 +123,7 @@ class TokenBatchSampler(Sampler[list[int]]):
         order = tie_order[np.lexsort(keys)]
         batches = pack_by_tokens(order, self.cost_lengths, self.max_tokens)
         if self.max_sentences is not None:
-            batches = [
-                b[i : i + self.max_sentences] for b in batches for i in range(0, len(b), self.max_sentences)
-            ]
+            batches = [b[i : i + self.max_sentences] for b in batches for i in range(0, len(b), self.max_sentences)]
         return batches
 
     def global_batches(self, epoch: int | None = None) -> list[list[int]]:

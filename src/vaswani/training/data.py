@@ -263,9 +263,7 @@ def pairs_from_dataset(
                 "the dataset has a 'translation' column: give source_lang and target_lang (e.g. 'en', 'de')"
             )
         langs = (
-            list(dataset.features["translation"].keys())
-            if hasattr(dataset.features["translation"], "keys")
-            else None
+            list(dataset.features["translation"].keys()) if hasattr(dataset.features["translation"], "keys") else None
         )
         for lang in (source_lang, target_lang):
             if langs is not None and lang not in langs:
@@ -277,8 +275,7 @@ def pairs_from_dataset(
 
     else:
         raise ValueError(
-            "the dataset has no 'translation' column; give source_column and target_column "
-            f"(columns: {columns})"
+            f"the dataset has no 'translation' column; give source_column and target_column (columns: {columns})"
         )
 
     name = getattr(dataset, "info", None) and dataset.info.dataset_name or "dataset"
@@ -300,8 +297,7 @@ def pairs_from_dataset(
     if n_empty and empty_lines == "error":
         first = is_empty.index(True)
         raise ValueError(
-            f"{n_empty} pairs have an empty source or target (first: row {first}); "
-            "pass empty_lines='drop' or 'keep'"
+            f"{n_empty} pairs have an empty source or target (first: row {first}); pass empty_lines='drop' or 'keep'"
         )
     if n_empty and empty_lines == "drop":
         pairs = pairs.select([i for i, e in enumerate(is_empty) if not e])
@@ -360,9 +356,7 @@ def load_parallel_corpus(
     )
 
 
-def _encode_batch(
-    batch: dict[str, list], tokenizer, max_length: int | None, overlong: str
-) -> dict[str, list]:
+def _encode_batch(batch: dict[str, list], tokenizer, max_length: int | None, overlong: str) -> dict[str, list]:
     enc = tokenizer(batch["source"], text_target=batch["target"], return_attention_mask=False)
     src, tgt = enc["input_ids"], enc["labels"]
     over = [max_length is not None and (len(s) > max_length or len(t) > max_length) for s, t in zip(src, tgt)]
@@ -425,9 +419,7 @@ def tokenize_corpus(
     )
     over = np.asarray(mapped.with_format("arrow")["overlong"].to_numpy(zero_copy_only=False), dtype=bool)
     n_over = int(over.sum())
-    report = TokenizeReport(
-        pairs_in=len(dataset), pairs_out=len(dataset), max_length=max_length, overlong=overlong
-    )
+    report = TokenizeReport(pairs_in=len(dataset), pairs_out=len(dataset), max_length=max_length, overlong=overlong)
     if overlong == "drop" and n_over:
         mapped = mapped.select(np.flatnonzero(~over))
         report.overlong_dropped = n_over
@@ -447,9 +439,7 @@ def sequence_lengths(dataset, column: str) -> np.ndarray:
     return pc.list_value_length(dataset.with_format("arrow")[column]).to_numpy().astype(np.int64)
 
 
-def corpus_statistics(
-    dataset, source_column: str = "input_ids", target_column: str = "labels"
-) -> CorpusStats:
+def corpus_statistics(dataset, source_column: str = "input_ids", target_column: str = "labels") -> CorpusStats:
     """Pairs, tokens, mean/min/max and length percentiles of each side of a tokenized corpus."""
     return CorpusStats(
         pairs=len(dataset),

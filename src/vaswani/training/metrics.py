@@ -31,9 +31,7 @@ def bleu(
 ) -> float:
     """Corpus BLEU (0-100) of detokenized ``predictions`` against one reference string (or list) each."""
     if len(predictions) != len(references):
-        raise ValueError(
-            f"got {len(predictions)} predictions but {len(references)} references; pass one each"
-        )
+        raise ValueError(f"got {len(predictions)} predictions but {len(references)} references; pass one each")
     refs = [[ref] if isinstance(ref, str) else list(ref) for ref in references]
     result = load_sacrebleu().compute(predictions=list(predictions), references=refs, lowercase=lowercase)
     return float(result["score"])

@@ -23,8 +23,7 @@ def noam_lr(step: int, d_model: int, warmup_steps: int = 4000, scale: float = 1.
     """Learning rate of update ``step`` (1-based; ``step < 1`` counts as 1) under the §5.3 schedule."""
     if d_model < 1 or warmup_steps < 1:
         raise ValueError(
-            f"noam_lr needs d_model >= 1 and warmup_steps >= 1, got d_model={d_model}, "
-            f"warmup_steps={warmup_steps}"
+            f"noam_lr needs d_model >= 1 and warmup_steps >= 1, got d_model={d_model}, warmup_steps={warmup_steps}"
         )
     step = max(step, 1)
     return scale * d_model**-0.5 * min(step**-0.5, step * warmup_steps**-1.5)
