@@ -28,14 +28,16 @@ class DemoResult:
     examples: list[tuple[str, str, str]]
 
 
-def translate_lines(model_dir: Path, sentences: list[str], batch_size: int = 128, **generate_kwargs) -> list[str]:
+def translate_lines(
+    model_dir: Path, sentences: list[str], batch_size: int = 128, device: str = "cpu", **generate_kwargs
+) -> list[str]:
     """Translate with a saved model folder through the Auto classes (the way a user would)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).to(device).eval()
     outputs: list[str] = []
     with torch.inference_mode():
         for start in range(0, len(sentences), batch_size):
-            batch = tokenizer(sentences[start : start + batch_size], return_tensors="pt", padding=True)
+            batch = tokenizer(sentences[start : start + batch_size], return_tensors="pt", padding=True).to(device)
             generated = model.generate(**batch, **generate_kwargs)
             outputs += [t.strip() for t in tokenizer.batch_decode(generated, skip_special_tokens=True)]
     return outputs

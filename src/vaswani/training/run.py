@@ -17,7 +17,7 @@ from transformers import Seq2SeqTrainingArguments, TrainerCallback
 from ..configuration import PRESETS, VaswaniConfig
 from ..modeling import VaswaniForConditionalGeneration
 from ..tokenization import load_tokenizer
-from .averaging import average_checkpoints, find_last_checkpoints
+from .averaging import average_checkpoints, collect_checkpoints
 from .data import load_parallel_corpus, tokenize_corpus, train_tokenizer_from_corpus
 from .metrics import make_compute_metrics
 from .trainer import (
@@ -235,7 +235,8 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
 
     averaged: list[str] = []
     if settings.average_last > 1:  # §6.1: average the last N checkpoints
-        checkpoints = find_last_checkpoints(settings.output_dir, settings.average_last)
+        # a run stopped by its time budget may have saved fewer: average what there is (all of them)
+        checkpoints = collect_checkpoints([settings.output_dir])[-settings.average_last :]
         averaged_dir = average_checkpoints(checkpoints, settings.output_dir / "averaged", overwrite=True)
         model = VaswaniForConditionalGeneration.from_pretrained(averaged_dir)
         trainer.model = model
