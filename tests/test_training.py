@@ -297,3 +297,8 @@ def test_vaswani_train_under_accelerate_launch_two_processes(corpus_dir, tmp_pat
     run = json.loads((tmp_path / "ddp" / "vaswani_run.json").read_text())
     assert run["result"]["world_size"] == 2
     assert AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "ddp").config.d_model == 32
+
+
+def test_bf16_mixed_precision_on_cpu(corpus_dir, tmp_path):
+    result = train(settings_for(corpus_dir, tmp_path / "bf16", bf16=True, max_steps=2, save_steps=2))
+    assert result.steps == 2 and result.final_loss is not None and result.final_loss == result.final_loss

@@ -157,6 +157,7 @@ def training_arguments(settings: TrainSettings, has_eval: bool) -> Seq2SeqTraini
         predict_with_generate=True,
         generation_num_beams=settings.eval_beams,
         bf16=settings.bf16,
+        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         seed=settings.seed,
         report_to=settings.report_to,
         disable_tqdm=not settings.progress,
