@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .cli_translation import TRANSLATION_COMMANDS
+
 
 def _add_params(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("params", help="print parameter counts of the presets against the paper (Table 3)")
@@ -328,6 +330,8 @@ def _run_align(args: argparse.Namespace) -> None:
 
 
 COMMANDS += [_add_attention, _add_plot, _add_align]
+
+COMMANDS += TRANSLATION_COMMANDS  # translate, push, convert
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -164,3 +164,44 @@ def _load_exactly(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Non
         )
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+
+
+def convert_marian_checkpoint(path_or_id: str, output_dir: str) -> VaswaniForConditionalGeneration:
+    """``vaswani convert marian``: a ``MarianMTModel`` folder or Hub id (OPUS-MT) → a Vaswani model folder.
+
+    The weights are converted by :func:`marian_to_vaswani` and the generation config is Marian's, so the
+    folder translates as the original does. The tokenizer is saved as it is (``MarianTokenizer``: the
+    SentencePiece models ``source.spm``/``target.spm`` and ``vocab.json``); it cannot become the package's
+    byte-level BPE without changing every token id, and it needs ``sentencepiece`` installed to load.
+    """
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    out = Path(output_dir)
+    if (out / "config.json").exists():
+        raise FileExistsError(f"{out} already holds a model (config.json); choose a new output folder.")
+    try:
+        config = AutoConfig.from_pretrained(path_or_id)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"could not load {path_or_id!r} as a local model folder or reach it on the Hugging Face Hub "
+            f"({str(err).splitlines()[0]}). Without a network, download it elsewhere "
+            f"(`hf download {path_or_id} --local-dir DIR`) and pass the folder."
+        ) from err
+    if config.model_type != "marian":
+        raise ValueError(
+            f"{path_or_id!r} is a {config.model_type!r} checkpoint; only MarianMTModel checkpoints "
+            "(model_type 'marian', e.g. Helsinki-NLP/opus-mt-*) convert."
+        )
+    vaswani_config_from_marian(config)  # refuses what cannot be expressed before loading the weights
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+    except ImportError as err:
+        raise ImportError(
+            f"The Marian tokenizer needs sentencepiece ({err}); install it: pip install sentencepiece"
+        ) from err
+    model = marian_to_vaswani(MarianMTModel.from_pretrained(path_or_id))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return model

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
@@ -41,6 +41,8 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration import VaswaniConfig
+from .generation import PaperDecodingMixin, apply_paper_generation_defaults
+from .pipeline import CUSTOM_PIPELINES  # also makes save_pretrained copy pipeline.py for remote code
 
 # ----------------------------------------------------------------------------------------------------------
 # §3.4 Embeddings and §3.5 positional encoding
@@ -618,7 +620,7 @@ class VaswaniModel(VaswaniPreTrainedModel):
         )
 
 
-class VaswaniForConditionalGeneration(VaswaniPreTrainedModel, GenerationMixin):
+class VaswaniForConditionalGeneration(VaswaniPreTrainedModel, PaperDecodingMixin, GenerationMixin):
     """The translation model: :class:`VaswaniModel` + the pre-softmax linear projection (§3.4).
 
     With ``labels`` the loss is the cross-entropy of the next target token, summed over non-ignored
@@ -638,6 +640,7 @@ class VaswaniForConditionalGeneration(VaswaniPreTrainedModel, GenerationMixin):
         self._tied_weights_keys = {"lm_head.weight": target_embedding}
         self.post_init()
         apply_paper_generation_defaults(self.generation_config)
+        self.config.custom_pipelines = {task: dict(spec) for task, spec in CUSTOM_PIPELINES.items()}
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -696,29 +699,6 @@ class VaswaniForConditionalGeneration(VaswaniPreTrainedModel, GenerationMixin):
             encoder_attentions=outputs.encoder_attentions,
         )
 
-    def generate(
-        self,
-        inputs: torch.Tensor | None = None,
-        generation_config: GenerationConfig | None = None,
-        **kwargs,
-    ) -> torch.LongTensor:
-        """``GenerationMixin.generate`` with the paper's output limit (§6.1): unless ``max_new_tokens`` or
-        ``max_length`` is given (in the call or the generation config), at most
-        ``max_len_a`` · source length + ``max_len_b`` new tokens (1 · length + 50 by default)."""
-        config = generation_config or self.generation_config
-        source = inputs if inputs is not None else kwargs.get("input_ids")
-        user_limit = {"max_new_tokens", "max_length"} & kwargs.keys()
-        if (
-            source is not None
-            and not user_limit
-            and config.max_new_tokens is None
-            and config.max_length is None
-        ):
-            limit = output_length_limit(config, source, kwargs.get("attention_mask"))
-            if limit is not None:
-                kwargs["max_new_tokens"] = limit
-        return super().generate(inputs, generation_config=generation_config, **kwargs)
-
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Used by ``DataCollatorForSeq2Seq(model=...)`` so label-smoothed Trainer runs get decoder inputs."""
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
@@ -742,32 +722,3 @@ def token_cross_entropy(
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
-
-
-#: The paper's decoding (§6.1): beam 4, length penalty α = 0.6, at most input length + 50 output tokens
-#: (``max_len_a`` · source length + ``max_len_b``, fairseq's names), stopping when all beams have ended.
-PAPER_GENERATION_DEFAULTS = {
-    "num_beams": 4,
-    "length_penalty": 0.6,
-    "early_stopping": True,
-    "max_len_a": 1.0,
-    "max_len_b": 50,
-}
-
-
-def apply_paper_generation_defaults(generation_config: GenerationConfig) -> None:
-    """Write the paper's decoding settings into a model's generation config (saved with the model)."""
-    for key, value in PAPER_GENERATION_DEFAULTS.items():
-        setattr(generation_config, key, value)
-    generation_config._from_model_config = False  # else reloading drops the fields it does not know
-
-
-def output_length_limit(
-    generation_config: GenerationConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
-) -> int | None:
-    """``max_len_a`` · (longest source in the batch) + ``max_len_b``, or None when the config sets no such rule."""
-    a, b = getattr(generation_config, "max_len_a", None), getattr(generation_config, "max_len_b", None)
-    if a is None or b is None:
-        return None
-    source_length = int(attention_mask.sum(-1).max()) if attention_mask is not None else input_ids.shape[-1]
-    return int(a * source_length + b)

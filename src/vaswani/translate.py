@@ -1,0 +1,161 @@
+"""Translating text with a saved model: loading (folder or Hub id), length-sorted token batches, line alignment.
+
+:func:`translate` is what ``vaswani translate`` runs. Sentences are sorted by token length and packed into
+batches of at most ``max_tokens`` source tokens (rows × longest row, as in training, §5.1), decoded with the
+model's ``generate()`` (for Vaswani models the paper's beam search, §6.1) and put back in input order. Blank
+lines come back as empty lines without being decoded, and a line break in a translation becomes a space,
+so output line *i* is always the translation of input line *i*.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "source.spm", "vocab.json", "spiece.model")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model folder or Hub id that cannot be loaded, with what to do instead."""
+
+
+def _check_local_folder(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"{folder} has no config.json, so it is not a saved model folder; save one with "
+            "model.save_pretrained(folder) (and tokenizer.save_pretrained(folder))."
+        )
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelNotFoundError(
+            f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer the model was "
+            "trained with into the same folder: tokenizer.save_pretrained(folder)."
+        )
+
+
+def _unreachable(model_id: str, err: Exception) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"could not reach {model_id!r} on the Hugging Face Hub and it is not a local folder ({type(err).__name__}: "
+        f"{str(err).splitlines()[0] if str(err) else 'no details'}). Without a network, download it elsewhere "
+        f"(`hf download {model_id} --local-dir MODEL_DIR`), copy the folder here and pass its path instead."
+    )
+
+
+def load_translation_model(
+    model_id_or_path: str | os.PathLike[str], device: str = "cpu", dtype: str = "float32"
+) -> tuple[Any, Any]:
+    """Load a seq2seq model and its tokenizer from a folder or Hub id, in eval mode on ``device``/``dtype``.
+
+    Vaswani folders load with the package's classes; other transformers seq2seq models (e.g. Marian) too.
+    Raises :class:`ModelNotFoundError` naming the problem (no config, no tokenizer, Hub unreachable).
+    """
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    import vaswani  # noqa: F401  (registers the Vaswani classes with the Auto classes)
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    source = Path(model_id_or_path)
+    if source.exists():
+        if not source.is_dir():
+            raise ModelNotFoundError(f"{source} is a file; pass the model folder that holds config.json")
+        _check_local_folder(source)
+        name = str(source)
+    else:
+        name = str(model_id_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForSeq2SeqLM.from_pretrained(name, dtype=DTYPES[dtype])
+    except OSError as err:
+        if source.exists():
+            raise
+        raise _unreachable(name, err) from err
+    return model.to(device).eval(), tokenizer
+
+
+def _one_line(text: str) -> str:
+    """A translation on one line: line breaks (which would shift the output lines) become spaces."""
+    return " ".join(text.splitlines())
+
+
+def token_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices sorted by length (longest first) and packed so that rows × longest row <= ``max_tokens``
+    (a single longer sentence gets a batch of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= max_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+@torch.inference_mode()
+def translate(
+    model: Any,
+    tokenizer: Any,
+    sentences: Sequence[str],
+    *,
+    max_tokens: int = 2048,
+    max_input_tokens: int | None = None,
+    progress: bool = False,
+    warn: Callable[[str], None] | None = None,
+    **generate_kwargs: Any,
+) -> list[str]:
+    """Translate ``sentences``; returns one string per sentence, in input order.
+
+    Args:
+        model, tokenizer: e.g. from :func:`load_translation_model`.
+        sentences: one sentence per item; blank ones give ``""`` without being decoded.
+        max_tokens: source tokens per batch (rows × longest row, padding included).
+        max_input_tokens: longer sources are cut to this many tokens (default: the tokenizer's
+            ``model_max_length``) and reported through ``warn``.
+        progress: show a progress bar (sentences) on stderr.
+        warn: called with a message for every truncated sentence (default: print to stderr).
+        generate_kwargs: passed to ``model.generate`` (``num_beams``, ``max_len_a``, ``max_len_b``,
+            ``length_penalty``, ``length_penalty_type``, ...); unset ones come from the generation config.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if generate_kwargs.get("num_return_sequences", 1) != 1:
+        raise ValueError("translate returns one translation per sentence; drop num_return_sequences")
+    warn = warn or (lambda message: print(message, file=sys.stderr))
+    limit = max_input_tokens or tokenizer.model_max_length
+    outputs = [""] * len(sentences)
+    todo = [i for i, text in enumerate(sentences) if text.strip()]
+    encoded = tokenizer([sentences[i] for i in todo], add_special_tokens=True)["input_ids"] if todo else []
+    for position, ids in enumerate(encoded):
+        if len(ids) > limit:
+            warn(
+                f"sentence {todo[position] + 1}: {len(ids)} tokens, cut to the first {limit} "
+                "(raise max_input_tokens / --max-input-tokens to keep more)"
+            )
+            encoded[position] = ids[: limit - 1] + ids[-1:]  # keep the final </s>
+    batches = token_batches([len(ids) for ids in encoded], max_tokens)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(sentences), unit="sent", file=sys.stderr)
+        bar.update(len(sentences) - len(todo))
+    device = model.device
+    for batch in batches:
+        padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
+        output_ids = model.generate(
+            input_ids=padded["input_ids"].to(device), attention_mask=padded["attention_mask"].to(device),
+            **generate_kwargs,
+        )
+        texts = tokenizer.batch_decode(output_ids, skip_special_tokens=True)
+        for i, text in zip(batch, texts):
+            outputs[todo[i]] = _one_line(text)
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    return outputs
