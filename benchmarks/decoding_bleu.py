@@ -12,16 +12,26 @@ each choice taken back. Scores are sacreBLEU (13a, cased, detokenized).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 import time
 from pathlib import Path
 
-import torch
+import sacrebleu
 
-from vaswani.training.data import read_lines
-from vaswani.training.metrics import bleu
 from vaswani.translate import load_translation_model, translate
+
+
+def read_lines(path: str) -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def bleu(hypotheses: list[str], references: list[str]) -> float:
+    """sacreBLEU, 13a tokenizer, cased (as vaswani.training.metrics.bleu, without its evaluate dependency)."""
+    return sacrebleu.corpus_bleu(hypotheses, [references]).score
+
 
 MULTI30K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "multi30k"
 
@@ -52,14 +62,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source", default=str(MULTI30K / "test_2016_flickr.en.gz"))
     parser.add_argument("--reference", default=str(MULTI30K / "test_2016_flickr.de.gz"))
     parser.add_argument("--limit", type=int, help="first N sentences only")
-    parser.add_argument("--max-tokens", type=int, default=2048)
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (BLEU does not depend on it beyond rounding)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
     sources, references = list(read_lines(args.source)), list(read_lines(args.reference))
     if args.limit:
         sources, references = sources[: args.limit], references[: args.limit]
-    model, tokenizer = load_translation_model(args.model)
+    model, tokenizer = load_translation_model(args.model, device=args.device)
     rows = []
     print(f"{len(sources)} sentences, {args.model}\n\n| decoding | BLEU | Δ vs transformers' defaults | s |")
     print("|---|---|---|---|")

@@ -19,6 +19,7 @@ The model must use Marian's ``[sin | cos]`` positions (``sinusoid_layout="concat
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 import tempfile
@@ -26,12 +27,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import sacrebleu
 import torch
 
 from vaswani.convert import vaswani_to_marian
-from vaswani.training.data import read_lines
-from vaswani.training.metrics import bleu
 from vaswani.translate import load_translation_model, token_batches, translate
+
+
+def read_lines(path: str) -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def bleu(hypotheses: list[str], references: list[str]) -> float:
+    """sacreBLEU, 13a tokenizer, cased (as vaswani.training.metrics.bleu, without its evaluate dependency)."""
+    return sacrebleu.corpus_bleu(hypotheses, [references]).score
+
 
 MULTI30K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "multi30k"
 #: The decoding every system uses (transformers' and CTranslate2's length penalty is score / |Y|^α).
@@ -114,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference", default=str(MULTI30K / "test_2016_flickr.de.gz"))
     parser.add_argument("--limit", type=int, help="first N sentences only")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--max-tokens", type=int, default=2048, help="source tokens per batch")
+    parser.add_argument("--max-tokens", type=int, default=512, help="source tokens per batch")
+    parser.add_argument("--sweep", default="", help="comma-separated max_tokens values to time vaswani fp32 with")
     parser.add_argument("--skip", default="", help="comma-separated system names to leave out")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
@@ -135,8 +147,12 @@ def main(argv: list[str] | None = None) -> None:
         m, marian = models[dtype], marians[dtype]
         systems[f"vaswani translate, {short}"] = lambda m=m: translate(
             m, tokenizer, sources, max_tokens=args.max_tokens, **hf_decoding)
+        if short == "fp32":
+            for budget in (int(v) for v in args.sweep.split(",") if v):
+                systems[f"vaswani translate, fp32, max_tokens {budget}"] = lambda m=m, b=budget: translate(
+                    m, tokenizer, sources, max_tokens=b, **hf_decoding)
         systems[f"vaswani translate, {short}, paper decoding (GNMT)"] = lambda m=m: translate(
-            m, tokenizer, sources, max_tokens=args.max_tokens)
+            m, tokenizer, sources, max_tokens=args.max_tokens, **{**hf_decoding, "length_penalty_type": "gnmt"})
         systems[f"MarianMTModel.generate, {short}, same sorted batches"] = lambda marian=marian: _marian_translate(
             marian, tokenizer, sources, sorted_batches)
         systems[f"MarianMTModel.generate, {short}, 32 sentences in file order"] = (
@@ -146,7 +162,12 @@ def main(argv: list[str] | None = None) -> None:
             import ctranslate2  # noqa: F401
 
             for compute_type, short in (("float32", "fp32"), ("bfloat16", "bf16")):
-                translator = _ctranslate2_model(marians["float32"], tokenizer, Path(tmp), compute_type, args.threads)
+                try:
+                    translator = _ctranslate2_model(
+                        marians["float32"], tokenizer, Path(tmp), compute_type, args.threads)
+                except ValueError as err:  # e.g. no bf16 kernels for this CPU in CTranslate2's build
+                    print(f"CTranslate2 {short}: {err}", file=sys.stderr)
+                    continue
                 systems[f"CTranslate2, {short}"] = lambda t=translator: _ct2_translate(
                     t, tokenizer, sources, args.max_tokens)
         except ImportError:

@@ -24,7 +24,7 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--length-penalty", type=float, help="α of the length penalty (paper: 0.6)")
     p.add_argument("--length-penalty-type", choices=["gnmt", "hf"],
                    help="gnmt: ((5+|Y|)/6)^α as in the paper; hf: transformers' |Y|^α")
-    p.add_argument("--max-tokens", type=int, default=2048, help="source tokens per batch (default 2048)")
+    p.add_argument("--max-tokens", type=int, default=512, help="source tokens per batch (default 512)")
     p.add_argument("--max-input-tokens", type=int,
                    help="cut longer sentences to this many tokens (default: the tokenizer's model_max_length)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default cpu)")

@@ -102,7 +102,7 @@ def translate(
     tokenizer: Any,
     sentences: Sequence[str],
     *,
-    max_tokens: int = 2048,
+    max_tokens: int = 512,
     max_input_tokens: int | None = None,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
