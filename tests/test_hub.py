@@ -27,7 +27,7 @@ def folder(tmp_path_factory):
 
 def _hub_env(hub: FakeHub) -> dict:
     return {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_test_token",
-            "HF_HUB_DISABLE_TELEMETRY": "1"}
+            "HF_HUB_DISABLE_TELEMETRY": "1", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
 
 
 def _load_uploaded(files: dict[str, bytes], target, tmp_path) -> list[list[int]]:
