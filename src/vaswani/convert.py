@@ -32,11 +32,39 @@ def _rename(name: str, to_vaswani: bool, shared_vocabulary: bool) -> str:
     if not shared_vocabulary and name in _SOURCE_EMBEDDING:
         return _SOURCE_EMBEDDING[1] if to_vaswani else _SOURCE_EMBEDDING[0]
     for marian, vaswani in _NAME_MAP:
-        pattern, replacement = (
-            (marian, vaswani) if to_vaswani else (re.escape(vaswani), marian.replace("\\", ""))
-        )
+        pattern, replacement = (marian, vaswani) if to_vaswani else (re.escape(vaswani), marian.replace("\\", ""))
         name = re.sub(pattern, replacement, name)
     return name
+
+
+#: Hyper-parameters that Marian and Vaswani configs both have, under the same name and meaning.
+_SHARED_CONFIG_FIELDS = (
+    "vocab_size",
+    "decoder_vocab_size",
+    "share_encoder_decoder_embeddings",
+    "tie_word_embeddings",
+    "d_model",
+    "encoder_layers",
+    "decoder_layers",
+    "encoder_attention_heads",
+    "decoder_attention_heads",
+    "encoder_ffn_dim",
+    "decoder_ffn_dim",
+    "activation_function",
+    "dropout",
+    "attention_dropout",
+    "activation_dropout",
+    "max_position_embeddings",
+    "scale_embedding",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "decoder_start_token_id",
+)
+
+
+def _shared_fields(config: MarianConfig | VaswaniConfig) -> dict:
+    return {name: getattr(config, name) for name in _SHARED_CONFIG_FIELDS}
 
 
 def vaswani_config_from_marian(config: MarianConfig) -> VaswaniConfig:
@@ -51,31 +79,7 @@ def vaswani_config_from_marian(config: MarianConfig) -> VaswaniConfig:
         )
     if config.activation_function not in ("relu", "gelu", "gelu_new", "silu", "swish"):
         raise ValueError(f"Marian activation {config.activation_function!r} has no Vaswani equivalent.")
-    return VaswaniConfig(
-        vocab_size=config.vocab_size,
-        decoder_vocab_size=config.decoder_vocab_size,
-        share_encoder_decoder_embeddings=config.share_encoder_decoder_embeddings,
-        tie_word_embeddings=config.tie_word_embeddings,
-        d_model=config.d_model,
-        encoder_layers=config.encoder_layers,
-        decoder_layers=config.decoder_layers,
-        encoder_attention_heads=config.encoder_attention_heads,
-        decoder_attention_heads=config.decoder_attention_heads,
-        encoder_ffn_dim=config.encoder_ffn_dim,
-        decoder_ffn_dim=config.decoder_ffn_dim,
-        activation_function=config.activation_function,
-        dropout=config.dropout,
-        attention_dropout=config.attention_dropout,
-        activation_dropout=config.activation_dropout,
-        max_position_embeddings=config.max_position_embeddings,
-        scale_embedding=config.scale_embedding,
-        sinusoid_layout="concatenated",
-        lm_head_bias=True,
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        decoder_start_token_id=config.decoder_start_token_id,
-    )
+    return VaswaniConfig(**_shared_fields(config), sinusoid_layout="concatenated", lm_head_bias=True)
 
 
 def marian_config_from_vaswani(config: VaswaniConfig) -> MarianConfig:
@@ -90,30 +94,7 @@ def marian_config_from_vaswani(config: VaswaniConfig) -> MarianConfig:
         )
     if problems:
         raise ValueError("Cannot export to Marian: " + "; ".join(problems) + ".")
-    return MarianConfig(
-        vocab_size=config.vocab_size,
-        decoder_vocab_size=config.decoder_vocab_size,
-        share_encoder_decoder_embeddings=config.share_encoder_decoder_embeddings,
-        tie_word_embeddings=config.tie_word_embeddings,
-        d_model=config.d_model,
-        encoder_layers=config.encoder_layers,
-        decoder_layers=config.decoder_layers,
-        encoder_attention_heads=config.encoder_attention_heads,
-        decoder_attention_heads=config.decoder_attention_heads,
-        encoder_ffn_dim=config.encoder_ffn_dim,
-        decoder_ffn_dim=config.decoder_ffn_dim,
-        activation_function=config.activation_function,
-        dropout=config.dropout,
-        attention_dropout=config.attention_dropout,
-        activation_dropout=config.activation_dropout,
-        max_position_embeddings=config.max_position_embeddings,
-        scale_embedding=config.scale_embedding,
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        forced_eos_token_id=None,
-        decoder_start_token_id=config.decoder_start_token_id,
-    )
+    return MarianConfig(**_shared_fields(config), forced_eos_token_id=None)
 
 
 def _without_positions(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
