@@ -1,0 +1,50 @@
+"""Opt-in process settings that make CPU training and decoding faster. Nothing here runs at import.
+
+:func:`tune_allocator` keeps glibc from handing large freed buffers back to the kernel. By default glibc
+serves every allocation over a (dynamic) threshold of at most 32 MiB with its own ``mmap`` and ``munmap`` s it
+when freed, and trims the heap top; a training step frees and re-allocates the same activation buffers
+every step, so the kernel unmaps and faults them back in each time (12-44% of a step measured on a
+2-core CPU). With ``M_MMAP_MAX=0`` and a large ``M_TRIM_THRESHOLD`` freed memory stays in the process
+for reuse: faster, but the resident size stays at its high-water mark.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+# mallopt parameter numbers from glibc's <malloc.h>.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+_applied: dict[str, int] | None = None
+
+
+def tune_allocator(trim_threshold: int = 2**31 - 1, mmap_max: int = 0) -> bool:
+    """Set glibc's ``M_MMAP_MAX`` (default 0: no per-allocation ``mmap``) and ``M_TRIM_THRESHOLD`` (default
+    2 GiB, the largest mallopt takes: keep up to that much free heap top) for this process, as ``MALLOC_MMAP_MAX_=0
+    MALLOC_TRIM_THRESHOLD_=...`` in the environment would.
+
+    Call it once at start-up, before large tensors exist. Returns True if glibc accepted both settings,
+    False where the C library is not glibc (macOS, Windows, musl), in which case nothing changes.
+    """
+    global _applied
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    trim = min(int(trim_threshold), 2**31 - 1)  # mallopt takes a C int
+    ok = bool(mallopt(_M_MMAP_MAX, int(mmap_max))) and bool(mallopt(_M_TRIM_THRESHOLD, trim))
+    if ok:
+        _applied = {"mmap_max": int(mmap_max), "trim_threshold": trim}
+    return ok
+
+
+def allocator_settings() -> dict[str, int] | None:
+    """What :func:`tune_allocator` set in this process (None if it was not called or did not apply)."""
+    return _applied
