@@ -302,3 +302,13 @@ def test_vaswani_train_under_accelerate_launch_two_processes(corpus_dir, tmp_pat
 def test_bf16_mixed_precision_on_cpu(corpus_dir, tmp_path):
     result = train(settings_for(corpus_dir, tmp_path / "bf16", bf16=True, max_steps=2, save_steps=2))
     assert result.steps == 2 and result.final_loss is not None and result.final_loss == result.final_loss
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    from vaswani.training.demo import print_demo, run_demo
+
+    result = run_demo(tmp_path / "demo", minutes=2, max_steps=3, train_pairs=200, test_pairs=10, progress=False)
+    assert result.steps == 3 and result.test_sentences == 10 and 0.0 <= result.exact_match <= 1.0
+    assert (result.model_dir / "training_curves.png").exists() and (tmp_path / "demo" / "data" / "test.de").exists()
+    print_demo(result)
+    assert "exact match on 10 held-out numbers" in capsys.readouterr().out

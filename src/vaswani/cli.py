@@ -217,7 +217,8 @@ def _run_train(args: argparse.Namespace) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train on built-in English→German number words, translate, show results")
     p.add_argument("--output", type=Path, default=Path("outputs/demo"), help="where data, model and plot go")
-    p.add_argument("--minutes", type=float, default=2.5, help="training time budget (default 2.5)")
+    p.add_argument("--minutes", type=float, default=3.0, help="training time limit (default 3)")
+    p.add_argument("--max-steps", type=int, default=2400, help="training updates (default 2400)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_run_demo)
@@ -226,7 +227,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> None:
     from .training.demo import print_demo, run_demo
 
-    print_demo(run_demo(args.output, minutes=args.minutes, seed=args.seed, progress=not args.no_progress))
+    result = run_demo(args.output, minutes=args.minutes, max_steps=args.max_steps, seed=args.seed,
+                      progress=not args.no_progress)
+    print_demo(result)
 
 
 COMMANDS = [_add_params, _add_average, _add_tokenizer, _add_data, _add_train, _add_demo]
