@@ -89,12 +89,17 @@ class SentenceLengthLimit(LogitsProcessor):
             self.prompt_length = input_ids.shape[1]
         generated = input_ids.shape[1] - self.prompt_length
         limits = self.limits.to(scores.device).repeat_interleave(scores.shape[0] // self.limits.shape[0])
-        last_step = generated + 1 >= limits
-        if not bool(last_step.any()):
-            return scores
-        only_eos = torch.full_like(scores, -math.inf)  # </s> keeps its own score, as in fairseq
-        only_eos[:, self.eos_token_id] = scores[:, self.eos_token_id]
-        return torch.where(last_step[:, None], only_eos, scores)
+        return force_eos_at_limits(scores, generated, limits, self.eos_token_id)
+
+
+def force_eos_at_limits(scores: torch.Tensor, generated: int, limits: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Rows whose next token is the last their limit allows (``limits``, one per row) keep only ``</s>``'s score."""
+    last_step = generated + 1 >= limits
+    if not bool(last_step.any()):
+        return scores
+    only_eos = torch.full_like(scores, -math.inf)  # </s> keeps its own score, as in fairseq
+    only_eos[:, eos_token_id] = scores[:, eos_token_id]
+    return torch.where(last_step[:, None], only_eos, scores)
 
 
 def _setting(name: str, kwargs: dict, *configs: GenerationConfig | None):

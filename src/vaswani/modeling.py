@@ -42,6 +42,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration import VaswaniConfig
+from .decoding import IncrementalDecodingMixin
 from .generation import PaperDecodingMixin, apply_paper_generation_defaults
 from .pipeline import CUSTOM_PIPELINES  # also makes save_pretrained copy pipeline.py for remote code
 
@@ -248,6 +249,18 @@ class MultiHeadAttention(nn.Module):
         query = self.split_heads(self.q_proj(hidden_states))
         source = key_value_states if self.is_cross_attention else hidden_states
         key, value = self.keys_and_values(source, cache)
+        return self.attend(query, key, value, attention_mask, **kwargs)
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of the projected heads (``[batch, heads, len, d_k]``), concatenated and projected by W^O:
+        ``[batch, q_len, d_model]`` and the attention weights (where the implementation returns them)."""
         implementation = self.config._attn_implementation
         if implementation == "sdpa" and _explicit_attention_is_faster(query, key):
             implementation = "eager"
@@ -264,7 +277,7 @@ class MultiHeadAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        concatenated = heads.reshape(*hidden_states.shape[:-1], -1)
+        concatenated = heads.flatten(-2)  # [batch, q_len, heads, d_k] -> [batch, q_len, d_model]
         return self.out_proj(concatenated), weights
 
 
@@ -659,8 +672,13 @@ class VaswaniModel(VaswaniPreTrainedModel):
         )
 
 
-class VaswaniForConditionalGeneration(VaswaniPreTrainedModel, PaperDecodingMixin, GenerationMixin):
+class VaswaniForConditionalGeneration(
+    VaswaniPreTrainedModel, IncrementalDecodingMixin, PaperDecodingMixin, GenerationMixin
+):
     """The translation model: :class:`VaswaniModel` + the pre-softmax linear projection (§3.4).
+
+    ``generate()`` decodes with our incremental beam / greedy search (:mod:`.decoding`) where it supports the
+    request and with transformers' loops otherwise (or when asked with ``decoding_loop="transformers"``).
 
     With ``labels`` the loss is the cross-entropy of the next target token, summed over non-ignored
     positions and divided by ``num_items_in_batch`` when the Trainer passes it (so that gradient

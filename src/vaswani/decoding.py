@@ -1,0 +1,466 @@
+"""Our own decoding loop for :class:`VaswaniForConditionalGeneration`: incremental beam search and greedy search.
+
+transformers' ``generate()`` runs each step through the model's ``forward`` (general-purpose masks and a
+growing cache), repeats the encoder-decoder keys and values for every beam and keeps finished sentences in
+the batch. This loop computes the same search with less work per step, as fairseq's incremental decoding does:
+
+* The encoder runs once, and each decoder layer projects its output to keys and values once per sentence.
+  In encoder-decoder attention (§3.2.3) the k beams of a sentence are k queries against that one copy
+  (queries ``[sentences, heads, k, d_k]``, keys ``[sentences, heads, source length, d_k]``), so these are
+  never repeated or reordered.
+* Masked self-attention keeps its keys and values in preallocated buffers, one row per beam, written at the
+  new position and reordered when the beams are re-ranked.
+* A sentence leaves the batch (its rows, encoder keys and values, caches) as soon as its search is over.
+
+The search is transformers' vectorised beam search (``GenerationMixin._beam_search``) step for step: the top
+2k continuations over all beams; those ending in ``</s>`` among the top k become finished hypotheses, scored
+log P(Y|X) / lp(Y) with transformers' |Y|^α or GNMT's ((5 + |Y|) / 6)^α (Wu et al. 2016, §7;
+``length_penalty_type``, see :mod:`.generation`); the best k others continue; transformers' early-stopping
+rules end a sentence. Greedy search (``num_beams=1``) is transformers' too. So the output tokens are the same
+as with transformers' loops. :func:`unsupported_options` lists what this loop does not do; ``generate()`` then
+uses transformers' loop, as it does when asked with ``decoding_loop="transformers"``.
+
+This file is copied next to a saved model (``modeling.py`` imports it), so it imports only torch, transformers
+and sibling modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from functools import partial
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.logits_process import MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+from transformers.masking_utils import create_bidirectional_mask
+
+from .generation import SentenceLengthLimit, _setting, force_eos_at_limits, gnmt_length_penalty
+
+#: ``decoding_loop`` values (``generate()`` argument or generation-config field): ours, when it supports the
+#: request, or always transformers'.
+DECODING_LOOPS = ("vaswani", "transformers")
+
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+SUPPORTED_LOGITS_PROCESSORS = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor, SentenceLengthLimit)
+SUPPORTED_STOPPING_CRITERIA = (MaxLengthCriteria, EosTokenCriteria)
+SUPPORTED_MODEL_KWARGS = {"encoder_outputs", "attention_mask", "cache", "use_cache"}
+EXTRA_OUTPUTS = (
+    "return_dict_in_generate",
+    "output_scores",
+    "output_logits",
+    "output_attentions",
+    "output_hidden_states",
+)
+
+#: transformers' score for empty slots, unstarted beams and candidates ruled out (added, not assigned).
+NEG = -1.0e9
+
+
+def unsupported_options(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config: GenerationConfig,
+    model_kwargs: dict,
+    synced_gpus: bool = False,
+    streamer: object | None = None,
+) -> list[str]:
+    """What in a request for beam or greedy search our loop does not do (empty: it does all of it).
+
+    Supported: eager or sdpa attention in eval mode; no sampling; one returned sequence; just the sequences
+    (no ``return_dict_in_generate`` / ``output_*``); ``early_stopping`` True, False or "never"; a
+    non-negative ``length_penalty``; exactly one ``eos_token_id``; the start token as the decoder prompt;
+    source ``attention_mask`` / ``encoder_outputs`` as the only model inputs, no cache passed in; the logits
+    processors for ``min_length``, ``min_new_tokens`` and the per-sentence limit; the stopping criteria for
+    ``max_length`` / ``max_new_tokens`` and ``</s>``. Anything else (e.g. ``logits_processor``,
+    ``stopping_criteria``, ``bad_words_ids``, ``no_repeat_ngram_size``, ``repetition_penalty``, forced tokens,
+    ``prefix_allowed_tokens_fn``, a streamer) adds a processor, a criterion or an input and lands here.
+    """
+    config = generation_config
+    attention = model.config._attn_implementation
+    eos = config._eos_token_tensor
+    other_inputs = sorted(set(model_kwargs) - SUPPORTED_MODEL_KWARGS)
+    checks = {
+        f"attention implementation {attention!r}": attention in SUPPORTED_ATTENTION,
+        "training mode (dropout)": not model.training,
+        "sampling": not config.do_sample,
+        "num_return_sequences > 1": config.num_return_sequences == 1,
+        "outputs beyond the sequences": not any(getattr(config, name, False) for name in EXTRA_OUTPUTS),
+        f"early_stopping={config.early_stopping!r}": config.early_stopping in (True, False, "never"),
+        "negative length_penalty": config.num_beams == 1 or config.length_penalty >= 0,
+        "no max_length": config.max_length is not None,
+        "not exactly one eos_token_id": eos is not None and eos.numel() == 1,
+        "a decoder prompt beyond the start token": input_ids.shape[1] == 1,
+        f"model inputs {other_inputs}": not other_inputs,
+        "a cache passed in": not getattr(model_kwargs.get("cache"), "_is_user_defined", False),
+        "other logits processors": all(type(p) in SUPPORTED_LOGITS_PROCESSORS for p in logits_processor),
+        "other stopping criteria": all(type(c) in SUPPORTED_STOPPING_CRITERIA for c in stopping_criteria),
+        "synced_gpus": not synced_gpus,
+        "a streamer": streamer is None,
+    }
+    return [option for option, supported in checks.items() if not supported]
+
+
+class IncrementalDecodingMixin:
+    """Serves ``generate()``'s beam search and greedy search with :func:`beam_search` / :func:`greedy_search`
+    when ``decoding_loop`` is ``"vaswani"`` (the default) and :func:`unsupported_options` finds nothing;
+    transformers' own loops otherwise."""
+
+    _decoding_loop: str = "vaswani"
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
+        """``generate()`` plus ``decoding_loop`` (``"vaswani"`` / ``"transformers"``), taken from the call, else
+        from ``generation_config``, else from the model's generation config."""
+        loop = _setting("decoding_loop", kwargs, generation_config, self.generation_config) or "vaswani"
+        if loop not in DECODING_LOOPS:
+            raise ValueError(f"decoding_loop={loop!r} is not one of {DECODING_LOOPS}.")
+        self._decoding_loop = loop
+        try:
+            return super().generate(inputs, generation_config=generation_config, **kwargs)
+        finally:
+            self._decoding_loop = "vaswani"
+
+    def _our_loop_serves(self, *request, **options) -> bool:
+        return self._decoding_loop == "vaswani" and not unsupported_options(self, *request, **options)
+
+    def _beam_search(
+        self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False, **model_kwargs
+    ):
+        request = (input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
+        if self._our_loop_serves(*request, synced_gpus=synced_gpus):
+            return beam_search(
+                self, input_ids, logits_processor, generation_config, model_kwargs, self._length_penalty_type
+            )
+        return super()._beam_search(
+            input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, **model_kwargs
+        )
+
+    def _sample(
+        self,
+        input_ids,
+        logits_processor,
+        stopping_criteria,
+        generation_config,
+        synced_gpus=False,
+        streamer=None,
+        **model_kwargs,
+    ):
+        request = (input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
+        if self._our_loop_serves(*request, synced_gpus=synced_gpus, streamer=streamer):
+            return greedy_search(self, input_ids, logits_processor, generation_config, model_kwargs)
+        return super()._sample(
+            input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, **model_kwargs
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The decoder, one position at a time
+# ----------------------------------------------------------------------------------------------------------
+
+
+class IncrementalDecoder:
+    """The model's decoder and output layer run one position at a time over rows = sentences × beams (beams of
+    a sentence adjacent), with the encoder-decoder keys and values projected once per sentence and the
+    self-attention keys and values in preallocated buffers (fairseq's incremental decoding)."""
+
+    def __init__(
+        self, model: nn.Module, encoder_states: torch.Tensor, source_mask: torch.Tensor | None, beams: int, steps: int
+    ) -> None:
+        self.decoder = model.model.decoder
+        self.lm_head = model.lm_head
+        self.beams = beams
+        self.steps = steps  # positions the buffers hold
+        self.step = 0  # positions computed so far
+        self.rows = encoder_states.shape[0] * beams
+        self.encoder_states = encoder_states
+        self.source_mask = source_mask
+        self.cross = [
+            (attn.split_heads(attn.k_proj(encoder_states)), attn.split_heads(attn.v_proj(encoder_states)))
+            for attn in (layer.encoder_attn for layer in self.decoder.layers)
+        ]
+        self.cross_mask = self._cross_attention_mask()
+        self.self_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _cross_attention_mask(self) -> torch.Tensor | None:
+        """The model's own mask for encoder-decoder attention with each sentence's beams as queries."""
+        queries = self.encoder_states[:, :1].expand(-1, self.beams, -1)  # stands in for [sentences, beams, d_model]
+        return create_bidirectional_mask(
+            config=self.decoder.config,
+            inputs_embeds=queries,
+            attention_mask=self.source_mask,
+            encoder_hidden_states=self.encoder_states,
+        )
+
+    def next_token_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (fp32) of the token after ``tokens`` (one per row), which sit at position ``self.step``."""
+        decoder = self.decoder
+        hidden = decoder.embed(decoder.embed_tokens(tokens[:, None]), self.step)  # [rows, 1, d_model]
+        for index, layer in enumerate(decoder.layers):
+            hidden = self._decoder_layer(index, layer, hidden)
+        if decoder.layer_norm is not None:
+            hidden = decoder.layer_norm(hidden)
+        self.step += 1
+        return self.lm_head(hidden)[:, -1].float()
+
+    def _decoder_layer(self, index: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """One decoder layer (§3.1) for the new position: masked self-attention over the positions so far,
+        encoder-decoder attention with a sentence's beams as its queries, then the feed-forward network."""
+        attn, add_norm = layer.self_attn, layer.self_attn_add_norm
+        x = add_norm.sublayer_input(hidden)
+        keys, values = self._extend_self_cache(
+            index, attn.split_heads(attn.k_proj(x)), attn.split_heads(attn.v_proj(x))
+        )
+        hidden = add_norm(hidden, attn.attend(attn.split_heads(attn.q_proj(x)), keys, values, None)[0])
+
+        attn, add_norm = layer.encoder_attn, layer.encoder_attn_add_norm
+        x = add_norm.sublayer_input(hidden).view(self.rows // self.beams, self.beams, -1)  # [sentences, beams, d_model]
+        attended, _ = attn.attend(attn.split_heads(attn.q_proj(x)), *self.cross[index], self.cross_mask)
+        hidden = add_norm(hidden, attended.view(hidden.shape))
+
+        add_norm = layer.feed_forward_add_norm
+        return add_norm(hidden, layer.feed_forward(add_norm.sublayer_input(hidden)))
+
+    def _extend_self_cache(
+        self, index: int, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new position's keys and values (``[rows, heads, 1, d_k]``) into layer ``index``'s buffers;
+        return those of all positions so far."""
+        if index == len(self.self_cache):
+            shape = (key.shape[0], key.shape[1], self.steps, key.shape[-1])
+            self.self_cache.append((key.new_empty(shape), value.new_empty(shape)))
+        keys, values = (buffer[: self.rows] for buffer in self.self_cache[index])
+        keys[:, :, self.step] = key[:, :, 0]
+        values[:, :, self.step] = value[:, :, 0]
+        return keys[:, :, : self.step + 1], values[:, :, : self.step + 1]
+
+    def select(self, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
+        """Continue with new rows, row i extending the hypothesis of old row ``rows[i]`` (beam re-ranking); with
+        ``sentences``, only these sentences (indices among the current ones) stay in the batch."""
+        for buffers in self.self_cache:
+            for buffer in buffers:
+                buffer[: rows.numel(), :, : self.step] = buffer[rows, :, : self.step]
+        self.rows = rows.numel()
+        if sentences is not None:
+            self.cross = [(keys[sentences], values[sentences]) for keys, values in self.cross]
+            self.encoder_states = self.encoder_states[sentences]
+            self.source_mask = None if self.source_mask is None else self.source_mask[sentences]
+            self.cross_mask = self._cross_attention_mask()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Beam search
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Beams:
+    """transformers' beam-search state for the sentences still being searched (first dimension: sentences)."""
+
+    sentences: torch.Tensor  # [b] each one's index in the batch
+    running: torch.Tensor  # [b, k, max_length] tokens of the running hypotheses, start token first
+    running_scores: torch.Tensor  # [b, k] their log-probabilities
+    finished: torch.Tensor  # [b, k, max_length] the best finished hypotheses so far, best first
+    finished_scores: torch.Tensor  # [b, k] their scores, log P / lp(|Y|) (about NEG for empty slots)
+    finished_lengths: torch.Tensor  # [b, k] their generated lengths (</s> included)
+    is_finished: torch.Tensor  # [b, k] which slots hold a finished hypothesis
+    improvable: torch.Tensor  # [b, 1] transformers' "early-stop heuristic unsatisfied"
+
+    @classmethod
+    def start(cls, prompts: torch.Tensor, beams: int, max_length: int, fill: int) -> Beams:
+        """Every beam holds the prompt; only beam 0 is live (the others start at NEG, as in transformers)."""
+        batch, device = prompts.shape[0] // beams, prompts.device
+        running = torch.full((batch, beams, max_length), fill, dtype=torch.long, device=device)
+        running[:, :, : prompts.shape[1]] = prompts.view(batch, beams, -1)
+        running_scores = torch.zeros(batch, beams, device=device)
+        running_scores[:, 1:] = NEG
+        return cls(
+            sentences=torch.arange(batch, device=device),
+            running=running,
+            running_scores=running_scores,
+            finished=running.clone(),
+            finished_scores=torch.full((batch, beams), NEG, device=device),
+            finished_lengths=torch.zeros(batch, beams, dtype=torch.long, device=device),
+            is_finished=torch.zeros(batch, beams, dtype=torch.bool, device=device),
+            improvable=torch.ones(batch, 1, dtype=torch.bool, device=device),
+        )
+
+    def keep(self, sentences: torch.Tensor) -> Beams:
+        return Beams(**{field.name: getattr(self, field.name)[sentences] for field in fields(self)})
+
+
+def length_penalty(length: int, alpha: float, kind: str) -> float:
+    """lp(Y): transformers' |Y|^α (``"hf"``) or GNMT's ((5 + |Y|) / 6)^α (``"gnmt"``, Wu et al. 2016, Eq. 14)."""
+    return gnmt_length_penalty(length, alpha) if kind == "gnmt" else length**alpha
+
+
+def _take(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``tensor[b, indices[b, j], ...]`` (transformers' ``_gather_beams``)."""
+    return torch.take_along_dim(tensor, indices.view(*indices.shape, *(1,) * (tensor.dim() - 2)), dim=1)
+
+
+def _beam_step(
+    beams: Beams, log_probs: torch.Tensor, cur_len: int, generated: int, max_length: int, eos: int, lp, early_stopping
+) -> torch.Tensor:
+    """One step of transformers' beam search on ``beams`` (updated in place) given the next-token log-probs
+    (``[b·k, vocab]``); returns the running beam each new running beam extends (``[b, k]``)."""
+    b, k = beams.running_scores.shape
+    vocab = log_probs.shape[-1]
+    scores = (log_probs.view(b, k, vocab) + beams.running_scores[:, :, None]).view(b, k * vocab)
+    top_scores, top_indices = torch.topk(scores, 2 * k)  # 2k, so that k of them do not end in </s>
+    top_beams, top_tokens = top_indices // vocab, top_indices % vocab
+    candidates = _take(beams.running, top_beams)
+    candidates[:, :, cur_len] = top_tokens
+    ended = (top_tokens == eos) | (cur_len + 1 >= max_length)
+
+    # The best k candidates that did not end keep running.
+    running_scores = top_scores + ended.to(torch.float32) * NEG
+    best = torch.topk(running_scores, k)[1]
+    beams.running, beams.running_scores = _take(candidates, best), _take(running_scores, best)
+
+    # Candidates among the top k that ended join the finished hypotheses if they beat the worst of them, unless
+    # the sentence is already done (transformers' _update_finished_beams).
+    just_finished = ended & (torch.arange(2 * k, device=ended.device) < k)
+    final_scores = top_scores / lp(generated + 1)
+    full = beams.is_finished.all(-1, keepdim=True) & (early_stopping is True)
+    final_scores += full.to(torch.float32) * NEG
+    final_scores += (~beams.improvable).to(torch.float32) * NEG
+    final_scores += (~just_finished) * NEG
+    merged_scores = torch.cat((beams.finished_scores, final_scores), dim=1)
+    kept = torch.topk(merged_scores, k)[1]
+    beams.finished = _take(torch.cat((beams.finished, candidates), dim=1), kept)
+    beams.finished_scores = _take(merged_scores, kept)
+    lengths = torch.full_like(top_beams, generated + 1)
+    beams.finished_lengths = _take(torch.cat((beams.finished_lengths, lengths), dim=1), kept)
+    beams.is_finished = _take(torch.cat((beams.is_finished, just_finished), dim=1), kept)
+    return _take(top_beams, best)
+
+
+def _update_improvable(beams: Beams, generated: int, max_generated: int, alpha: float, lp, early_stopping) -> None:
+    """transformers' early-stop heuristic: can the best running beam still beat the worst finished hypothesis?
+    (With ``early_stopping="never"`` and α > 0 it is scored at the longest length, else at its own.)"""
+    length = max_generated if early_stopping == "never" and alpha > 0.0 else generated
+    best_running = beams.running_scores[:, :1] / lp(length)
+    worst_finished = torch.where(beams.is_finished, beams.finished_scores.min(1, keepdim=True)[0], NEG)
+    beams.improvable = beams.improvable & (best_running > worst_finished).any(-1, keepdim=True)
+
+
+def _sentence_done(beams: Beams, early_stopping) -> torch.Tensor:
+    """Sentences whose finished hypotheses can no longer change: no running beam can improve on them, or
+    (``early_stopping=True``) there are k of them."""
+    return ~beams.improvable[:, 0] | (beams.is_finished.all(-1) & (early_stopping is True))
+
+
+@torch.no_grad()
+def beam_search(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    logits_processor: LogitsProcessorList,
+    generation_config: GenerationConfig,
+    model_kwargs: dict,
+    length_penalty_type: str,
+) -> torch.LongTensor:
+    """Beam search (§6.1) for ``generate()``'s prepared request (``input_ids``: the start token per sentence ×
+    beam); returns the best hypothesis per sentence, as transformers' beam search does."""
+    config = generation_config
+    k, max_length, prompt = config.num_beams, config.max_length, input_ids.shape[1]
+    eos, fill = int(config._eos_token_tensor.view(-1)[0]), _beam_fill_value(config)
+    alpha, early_stopping = config.length_penalty, config.early_stopping
+    lp = partial(length_penalty, alpha=alpha, kind=length_penalty_type)
+    decoder = _start_decoder(model, model_kwargs, k, max_length - prompt)
+    beams = Beams.start(input_ids, k, max_length, fill)
+    best = beams.finished[:, 0].clone()
+    best_lengths = beams.finished_lengths[:, 0].clone()
+    for cur_len in range(prompt, max_length):
+        generated, b = cur_len - prompt, beams.sentences.numel()
+        log_probs = F.log_softmax(decoder.next_token_logits(beams.running[:, :, cur_len - 1].reshape(-1)), dim=-1)
+        sequences = beams.running[:, :, :cur_len].reshape(b * k, cur_len)
+        log_probs = _process(logits_processor, sequences, log_probs, generated, beams.sentences, k)
+        parents = _beam_step(beams, log_probs, cur_len, generated, max_length, eos, lp, early_stopping)
+        _update_improvable(beams, generated + 1, max_length - prompt, alpha, lp, early_stopping)
+        done = _sentence_done(beams, early_stopping) | (cur_len + 1 >= max_length)
+        best[beams.sentences[done]] = beams.finished[done, 0]
+        best_lengths[beams.sentences[done]] = beams.finished_lengths[done, 0]
+        if bool(done.all()):
+            break
+        rows = parents + torch.arange(0, b * k, k, device=parents.device)[:, None]
+        if bool(done.any()):
+            going = (~done).nonzero()[:, 0]
+            beams = beams.keep(going)
+            decoder.select(rows[going].view(-1), going)
+        else:
+            decoder.select(rows.view(-1))
+    return best[:, : prompt + int(best_lengths.max())]
+
+
+def _beam_fill_value(config: GenerationConfig) -> int:
+    """What transformers' beam search writes after a hypothesis' end: ``pad_token_id``, or ``</s>`` where that
+    is None or 0 (its ``pad_token_id or eos_token_id[0]``)."""
+    pad = config._pad_token_tensor
+    return int(pad) if pad is not None and int(pad) != 0 else int(config._eos_token_tensor.view(-1)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Greedy search and shared pieces
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def greedy_search(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    logits_processor: LogitsProcessorList,
+    generation_config: GenerationConfig,
+    model_kwargs: dict,
+) -> torch.LongTensor:
+    """Greedy search: the most likely next token until ``</s>`` or the length limit; ended sentences leave
+    the batch and are padded with ``pad_token_id``, as in transformers' greedy search."""
+    config = generation_config
+    max_length, prompt = config.max_length, input_ids.shape[1]
+    eos, pad = int(config._eos_token_tensor.view(-1)[0]), int(config._pad_token_tensor)
+    decoder = _start_decoder(model, model_kwargs, 1, max_length - prompt)
+    output = torch.full((input_ids.shape[0], max_length), pad, dtype=torch.long, device=input_ids.device)
+    output[:, :prompt] = input_ids
+    active = torch.arange(input_ids.shape[0], device=input_ids.device)
+    for cur_len in range(prompt, max_length):
+        logits = decoder.next_token_logits(output[active, cur_len - 1])
+        scores = _process(logits_processor, output[active, :cur_len], logits, cur_len - prompt, active, 1)
+        tokens = scores.argmax(-1)
+        output[active, cur_len] = tokens
+        going = tokens != eos
+        if cur_len + 1 >= max_length or not bool(going.any()):
+            break
+        if not bool(going.all()):
+            rows = going.nonzero()[:, 0]
+            active = active[rows]
+            decoder.select(rows, rows)
+    return output[:, : cur_len + 1]
+
+
+def _start_decoder(model: nn.Module, model_kwargs: dict, beams: int, steps: int) -> IncrementalDecoder:
+    """An :class:`IncrementalDecoder` over the encoder output ``generate()`` prepared (one row per sentence
+    × beam, of which it keeps one per sentence)."""
+    encoder_states = model_kwargs["encoder_outputs"].last_hidden_state[::beams]
+    mask = model_kwargs.get("attention_mask")
+    return IncrementalDecoder(model, encoder_states, None if mask is None else mask[::beams], beams, steps)
+
+
+def _process(
+    processors: LogitsProcessorList,
+    sequences: torch.Tensor,
+    scores: torch.Tensor,
+    generated: int,
+    sentences: torch.Tensor,
+    beams: int,
+) -> torch.Tensor:
+    """Apply the (supported) logits processors to the rows of the sentences still in the batch."""
+    for processor in processors:
+        if isinstance(processor, SentenceLengthLimit):
+            limits = processor.limits.to(scores.device)[sentences].repeat_interleave(beams)
+            scores = force_eos_at_limits(scores, generated, limits, processor.eos_token_id)
+        else:
+            scores = processor(sequences, scores)
+    return scores
