@@ -98,11 +98,30 @@ def unsupported_options(
         f"model inputs {other_inputs}": not other_inputs,
         "a cache passed in": not getattr(model_kwargs.get("cache"), "_is_user_defined", False),
         "other logits processors": all(type(p) in SUPPORTED_LOGITS_PROCESSORS for p in logits_processor),
+        "a minimum length beyond a sentence's limit": not _eos_forbidden_at_a_limit(
+            logits_processor, input_ids.shape[1]
+        ),
         "other stopping criteria": all(type(c) in SUPPORTED_STOPPING_CRITERIA for c in stopping_criteria),
         "synced_gpus": not synced_gpus,
         "a streamer": streamer is None,
     }
     return [option for option, supported in checks.items() if not supported]
+
+
+def _eos_forbidden_at_a_limit(processors: LogitsProcessorList, prompt: int) -> bool:
+    """Whether ``min_length`` / ``min_new_tokens`` forbid ``</s>`` at the step where a sentence's own limit allows
+    only ``</s>``: every continuation is then -inf, and transformers' pick among them is arbitrary."""
+    least = 0  # new tokens before </s> is allowed
+    for processor in processors:
+        if isinstance(processor, MinLengthLogitsProcessor):
+            least = max(least, processor.min_length - prompt)
+        elif isinstance(processor, MinNewTokensLengthLogitsProcessor):
+            least = max(least, processor.min_new_tokens + processor.prompt_length_to_skip - prompt)
+    return any(
+        bool((processor.limits - 1 < least).any())
+        for processor in processors
+        if isinstance(processor, SentenceLengthLimit)
+    )
 
 
 class IncrementalDecodingMixin:
