@@ -2,9 +2,9 @@
 
 ``vaswani push MODEL_DIR REPO_ID`` uploads, in one commit: ``model*.safetensors`` (and the shard index),
 ``config.json``, ``generation_config.json``, the tokenizer files, the model code that ``save_pretrained``
-copied (``configuration.py``, ``modeling.py``, ``generation.py``, ``pipeline.py``, ``tokenization.py``, so
-``trust_remote_code=True`` works without the package) and ``README.md``, a model card with the Hub's
-metadata header (languages, license, datasets, BLEU as a model-index result) and the training recipe.
+copied (``configuration.py``, ``modeling.py``, ``generation.py``, ``decoding.py``, ``pipeline.py``,
+``tokenization.py``, so ``trust_remote_code=True`` works without the package) and ``README.md``, a model card
+with the Hub's metadata header (languages, license, datasets, BLEU as a model-index result) and the training recipe.
 Nothing else in the folder (checkpoints, optimizer state, logs) is sent.
 """
 
