@@ -16,7 +16,8 @@ Two of these are not what ``generate()`` offers, so :class:`PaperDecodingMixin` 
 Early termination is transformers' ``early_stopping=True``: a sentence is done once it has ``num_beams``
 finished hypotheses. Everything else (greedy, sampling, ``num_beams``, ``max_new_tokens``, logits
 processors) is transformers' own and keeps working; an explicit ``max_new_tokens`` / ``max_length``
-turns the per-sentence limit off.
+turns the per-sentence limit off. Beam and greedy search run in our own loop (:mod:`.decoding`, same tokens,
+less work per step) where it supports the request; ``decoding_loop="transformers"`` keeps transformers' loops.
 
 This file is copied next to a saved model (``modeling.py`` imports it), so it imports only torch and
 transformers.
