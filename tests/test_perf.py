@@ -9,7 +9,7 @@ import torch
 from conftest import padded_batch, tiny_model
 from transformers import GenerationConfig
 
-from vaswani import modeling
+from vaswani import modeling, perf
 
 
 def _train_outputs(model, implementation, grad, batch):
@@ -129,3 +129,39 @@ def test_tune_allocator_is_opt_in():
     assert out.split()[0] in ("True", "False")
     if out.startswith("True"):
         assert "'mmap_max': 0" in out
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_keeps_1_minus_p_scaled_and_backpropagates_through_the_same_mask(p, dtype):
+    x = torch.full((1000, 1000), 2.0, dtype=dtype, requires_grad=True)
+    torch.manual_seed(0)
+    y = modeling.apply_dropout(x, p)
+    kept = y != 0
+    assert y.dtype == dtype
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.003  # 1M draws: std 0.0005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 2.0 / (1 - p)))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.to(dtype) / (1 - p))
+    torch.manual_seed(0)
+    assert torch.equal(modeling.apply_dropout(x.detach(), p), y.detach())  # the seeded generator decides
+
+
+def test_dropout_is_identity_in_eval_and_at_zero():
+    x = torch.randn(3, 5)
+    assert modeling.apply_dropout(x, 0.3, training=False) is x
+    assert modeling.apply_dropout(x, 0.0) is x
+    layer = modeling.Dropout(0.3).eval()
+    assert layer(x) is x
+    assert torch.equal(modeling.apply_dropout(x, 1.0), torch.zeros_like(x))
+
+
+def test_tune_cpu_training_flushes_denormals():
+    before = torch.tensor([1e-39])
+    assert before.item() != 0.0
+    try:
+        settings = perf.tune_cpu_training()
+        if settings["flush_denormals"]:
+            assert (torch.tensor([1e-39]) * 1.0).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)

@@ -6,6 +6,11 @@ when freed, and trims the heap top; a training step frees and re-allocates the s
 every step, so the kernel unmaps and faults them back in each time (12-44% of a step measured on a
 2-core CPU). With ``M_MMAP_MAX=0`` and a large ``M_TRIM_THRESHOLD`` freed memory stays in the process
 for reuse: faster, but the resident size stays at its high-water mark.
+
+:func:`flush_denormals` makes the CPU treat fp32 numbers below 1.2e-38 (denormals) as zero. Gradients of a
+small model trained with dropout produce them, and every matrix multiply that reads one drops to a slow
+path: fp32 training of the multi30k preset ran 1.9x faster with them flushed (2-core CPU, torch 2.13).
+:func:`tune_cpu_training` applies both; ``vaswani train`` and ``vaswani demo`` call it when training on a CPU.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+
+import torch
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -48,3 +55,14 @@ def tune_allocator(trim_threshold: int = 2**31 - 1, mmap_max: int = 0) -> bool:
 def allocator_settings() -> dict[str, int] | None:
     """What :func:`tune_allocator` set in this process (None if it was not called or did not apply)."""
     return _applied
+
+
+def flush_denormals() -> bool:
+    """Flush denormal floats to zero on the CPU from now on (``torch.set_flush_denormal(True)``; x86 with
+    SSE3 and ARM). Returns False where the CPU does not support it, in which case nothing changes."""
+    return bool(torch.set_flush_denormal(True))
+
+
+def tune_cpu_training() -> dict[str, bool]:
+    """Both settings of this module, as ``vaswani train`` and ``vaswani demo`` use on a CPU."""
+    return {"allocator": tune_allocator(), "flush_denormals": flush_denormals()}

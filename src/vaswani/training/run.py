@@ -16,6 +16,7 @@ from transformers import Seq2SeqTrainingArguments, TrainerCallback
 
 from ..configuration import PRESETS, VaswaniConfig
 from ..modeling import VaswaniForConditionalGeneration
+from ..perf import tune_cpu_training
 from ..tokenization import load_tokenizer
 from .averaging import average_checkpoints, collect_checkpoints
 from .data import load_parallel_corpus, tokenize_corpus, train_tokenizer_from_corpus
@@ -186,8 +187,11 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
     """Run the recipe: tokenizer, model, ``VaswaniTrainer``, checkpoint averaging, curves; save a model folder
     that ``AutoModelForSeq2SeqLM`` and ``AutoTokenizer`` load (with the paper's generation config).
 
-    ``callbacks`` are extra ``TrainerCallback`` s. Returns None on processes other than the main one."""
+    ``callbacks`` are extra ``TrainerCallback`` s. Returns None on processes other than the main one. On a CPU
+    the process gets :func:`vaswani.perf.tune_cpu_training` (allocator settings, denormals flushed to zero)."""
     state = PartialState()
+    if state.device.type == "cpu":
+        tune_cpu_training()
     with state.main_process_first():  # one process prepares the folder and the tokenizer, the others load it
         if state.is_main_process:
             prepare_output_dir(settings)
