@@ -27,7 +27,8 @@ Printed: medians, the ratio Vaswani / Marian, the share of the matrix-multiply p
   Memory outside torch tensors (Python objects, oneDNN scratch buffers, what malloc keeps cached) is not in it.
 * Allocator: by default the script calls :func:`vaswani.perf.tune_allocator` (glibc ``M_MMAP_MAX=0``, large
   ``M_TRIM_THRESHOLD``) at start-up, which affects both models alike; ``--allocator default`` leaves glibc's
-  defaults.
+  defaults. Denormal floats are flushed to zero (:func:`vaswani.perf.flush_denormals`, both models alike; what
+  ``vaswani train`` does on a CPU) unless ``--denormals keep``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from vaswani import VaswaniConfig, VaswaniForConditionalGeneration  # noqa: E402
 from vaswani.convert import vaswani_to_marian  # noqa: E402
-from vaswani.perf import tune_allocator  # noqa: E402
+from vaswani.perf import flush_denormals, tune_allocator  # noqa: E402
 
 #: Benchmark shapes: a configuration preset and the (shared) vocabulary size used with it.
 SHAPES = {"small": ("small", 8000), "base": ("base", 37000)}
@@ -376,6 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gen-batch", type=int, default=16, help="sentences per generate call")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sentence")
     parser.add_argument("--allocator", choices=["tuned", "default"], default="tuned")
+    parser.add_argument("--denormals", choices=["flush", "keep"], default="flush")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
     parser.add_argument("--quick", action="store_true", help="small shape only, fewer and smaller runs (< 1 min)")
     args = parser.parse_args(argv)
@@ -403,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
             if tune_allocator()
             else "glibc defaults (tune_allocator not available)"
         )
+    if args.denormals == "flush":
+        allocator += "; denormals flushed to zero" if flush_denormals() else "; denormals kept (no flush on this CPU)"
     hf_logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)

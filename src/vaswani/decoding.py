@@ -220,8 +220,7 @@ class IncrementalDecoder:
         hidden = decoder.embed(decoder.embed_tokens(tokens[:, None]), self.step)  # [rows, 1, d_model]
         for index, layer in enumerate(decoder.layers):
             hidden = self._decoder_layer(index, layer, hidden)
-        if decoder.layer_norm is not None:
-            hidden = decoder.layer_norm(hidden)
+        hidden = decoder.final_norm(hidden)
         self.step += 1
         return self.lm_head(hidden)[:, -1].float()
 

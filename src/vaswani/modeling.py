@@ -474,18 +474,17 @@ def _check_mask(name: str, mask: torch.Tensor | None, ids_name: str, shape: torc
         )
 
 
-class VaswaniEncoder(VaswaniPreTrainedModel):
-    """N identical :class:`EncoderLayer` s over embedded, position-encoded source tokens (§3.1)."""
+class LayerStack(VaswaniPreTrainedModel):
+    """What encoder and decoder share (§3.1): a token embedding table (shared by both by default, §3.4), the
+    positional encoding, N identical layers, and for pre-norm the LayerNorm after the last layer."""
 
-    _can_record_outputs = {"hidden_states": EncoderLayer, "attentions": MultiHeadAttention}
-
-    def __init__(self, config: VaswaniConfig, embed_tokens: nn.Embedding | None = None) -> None:
+    def __init__(
+        self, config: VaswaniConfig, vocab_size: int, layers: list[nn.Module], embed_tokens: nn.Embedding | None
+    ) -> None:
         super().__init__(config)
-        self.embed_tokens = embed_tokens or nn.Embedding(
-            config.vocab_size, config.d_model, config.pad_token_id
-        )
+        self.embed_tokens = embed_tokens or nn.Embedding(vocab_size, config.d_model, config.pad_token_id)
         self.embed = EmbeddingWithPositions(config)
-        self.layers = nn.ModuleList([EncoderLayer(config) for _ in range(config.encoder_layers)])
+        self.layers = nn.ModuleList(layers)
         self.layer_norm = (
             nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.normalize_before else None
         )
@@ -496,6 +495,19 @@ class VaswaniEncoder(VaswaniPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
+
+    def final_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states if self.layer_norm is None else self.layer_norm(hidden_states)
+
+
+class VaswaniEncoder(LayerStack):
+    """N identical :class:`EncoderLayer` s over embedded, position-encoded source tokens (§3.1)."""
+
+    _can_record_outputs = {"hidden_states": EncoderLayer, "attentions": MultiHeadAttention}
+
+    def __init__(self, config: VaswaniConfig, embed_tokens: nn.Embedding | None = None) -> None:
+        layers = [EncoderLayer(config) for _ in range(config.encoder_layers)]
+        super().__init__(config, config.vocab_size, layers, embed_tokens)
 
     @merge_with_config_defaults
     @capture_outputs
@@ -518,12 +530,11 @@ class VaswaniEncoder(VaswaniPreTrainedModel):
         )
         for layer in self.layers:
             hidden_states = layer(hidden_states, mask, **kwargs)
-        if self.layer_norm is not None:
-            hidden_states = self.layer_norm(hidden_states)
+        hidden_states = self.final_norm(hidden_states)
         return BaseModelOutput(last_hidden_state=hidden_states)
 
 
-class VaswaniDecoder(VaswaniPreTrainedModel):
+class VaswaniDecoder(LayerStack):
     """N identical :class:`DecoderLayer` s over the shifted target, attending to the encoder output (§3.1)."""
 
     _can_record_outputs = {
@@ -533,22 +544,8 @@ class VaswaniDecoder(VaswaniPreTrainedModel):
     }
 
     def __init__(self, config: VaswaniConfig, embed_tokens: nn.Embedding | None = None) -> None:
-        super().__init__(config)
-        self.embed_tokens = embed_tokens or nn.Embedding(
-            config.decoder_vocab_size, config.d_model, config.pad_token_id
-        )
-        self.embed = EmbeddingWithPositions(config)
-        self.layers = nn.ModuleList([DecoderLayer(config, layer_idx=i) for i in range(config.decoder_layers)])
-        self.layer_norm = (
-            nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.normalize_before else None
-        )
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
+        layers = [DecoderLayer(config, layer_idx=i) for i in range(config.decoder_layers)]
+        super().__init__(config, config.decoder_vocab_size, layers, embed_tokens)
 
     @merge_with_config_defaults
     @capture_outputs
@@ -602,8 +599,7 @@ class VaswaniDecoder(VaswaniPreTrainedModel):
                 cache=cache,
                 **kwargs,
             )
-        if self.layer_norm is not None:
-            hidden_states = self.layer_norm(hidden_states)
+        hidden_states = self.final_norm(hidden_states)
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, cache=cache)
 
 
