@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--target", choices=["de", "fr"], default="de")
     parser.add_argument("--minutes", type=float, default=60.0, help="training time budget")
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--preset", default="multi30k", help="model preset (multi30k, multi30k-tiny, small, ...)")
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--warmup-steps", type=int, default=1000)
     parser.add_argument("--lr-scale", type=float, default=2.0)
@@ -48,7 +49,7 @@ def main() -> None:
     settings = TrainSettings(
         output_dir=output,
         train_corpus=files("train"),
-        preset="multi30k",
+        preset=args.preset,
         vocab_size=args.vocab_size,
         max_tokens=args.max_tokens,
         epochs=1000,
@@ -85,6 +86,9 @@ def main() -> None:
         "steps": result.steps,
         "target_tokens_per_second": round(result.target_tokens_per_second),
         "parameters": result.parameters,
+        "preset": args.preset,
+        "recipe": f"warmup {args.warmup_steps}, lr x{args.lr_scale}, {args.max_tokens} tokens/update, "
+        f"average last {args.average_last} (every {args.save_steps}), beam {args.beams}",
         "decode_seconds_beam": round(decode_seconds, 1),
         "machine": machine,
         "precision": "bf16" if args.bf16 else "fp32",

@@ -84,3 +84,18 @@ def test_compute_loss_func_for_trainer():
     expected = label_smoothed_cross_entropy(logits, labels, 0.1, num_items_in_batch=7)
     torch.testing.assert_close(loss_func({"logits": logits}, labels, num_items_in_batch=7), expected)
     torch.testing.assert_close(loss_func((logits,), labels, num_items_in_batch=7), expected)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_model_loss_with_label_smoothing_is_this_loss(training):
+    """``model(labels=..., label_smoothing=ε).loss`` (what VaswaniTrainer uses) equals this function on the
+    model's logits, in training too, where the model computes only the labelled positions."""
+    from conftest import padded_batch, tiny_model
+
+    ids, mask = padded_batch(lengths=(9, 6, 3))
+    labels = torch.tensor([[7, 8, 3], [9, 3, -100], [3, -100, -100]])
+    model = tiny_model(dropout=0.0).train(training)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, label_smoothing=0.1)
+    torch.testing.assert_close(out.loss, label_smoothed_cross_entropy(out.logits, labels, 0.1))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        model(input_ids=ids, attention_mask=mask, labels=labels, label_smoothing=1.5)

@@ -258,6 +258,41 @@ def test_gradient_checkpointing_same_gradients():
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
 
 
+@pytest.mark.parametrize("normalize_before", [False, True])
+def test_training_skips_padding_with_the_same_loss_and_gradients(monkeypatch, normalize_before):
+    """In training the position-wise pieces run on the real tokens only (modeling.Packing); the loss, the
+    gradients and the outputs at real positions equal those of the padded computation."""
+    import vaswani.modeling as modeling
+
+    ids, mask = padded_batch(lengths=(9, 6, 3, 9))
+    labels = torch.tensor([[7, 8, 9, 3, -100], [9, 3, -100, -100, -100], [3, -100, -100, -100, -100], [5, 6, 7, 8, 3]])
+    packed_calls = []
+    real_packing = modeling.Packing
+
+    def recording_packing(keep):
+        packed_calls.append(keep.sum().item())
+        return real_packing(keep)
+
+    results = []
+    for packed in (True, False):
+        monkeypatch.setattr(modeling, "Packing", recording_packing if packed else lambda keep: None)
+        model = tiny_model(dropout=0.0, normalize_before=normalize_before).train()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results.append((out, grads))
+    # decoder stack and output layer (the 12 labels), encoder stack and encoder-decoder attention (27 tokens)
+    assert sorted(packed_calls) == [12, 12, 27, 27]
+    (packed, packed_grads), (padded, padded_grads) = results
+    assert torch.allclose(packed.loss, padded.loss, atol=1e-6)
+    real = labels != -100
+    assert torch.allclose(packed.logits[real], padded.logits[real], atol=1e-5)
+    source = mask.bool()
+    assert torch.allclose(packed.encoder_last_hidden_state[source], padded.encoder_last_hidden_state[source], atol=1e-5)
+    for name, grad in padded_grads.items():
+        assert torch.allclose(packed_grads[name], grad, atol=1e-6), name
+
+
 def test_resize_token_embeddings_keeps_ties(model):
     model.resize_token_embeddings(120)
     assert model.config.vocab_size == 120 and model.lm_head.weight.shape == (120, 32)

@@ -51,6 +51,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attention_dropout": 0.1,
         "activation_dropout": 0.1,
     },
+    # fairseq's "transformer_tiny" as Wu et al. (2021) trained it on Multi30k (anchors.md): 4+4 layers,
+    # d_model 128, d_ff 256, dropout 0.3 and none on attention weights or inside the FFN (fairseq's defaults).
+    "multi30k-tiny": {
+        "d_model": 128,
+        "encoder_layers": 4,
+        "decoder_layers": 4,
+        "encoder_ffn_dim": 256,
+        "decoder_ffn_dim": 256,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "dropout": 0.3,
+        "attention_dropout": 0.0,
+        "activation_dropout": 0.0,
+    },
     # A model that trains in minutes on a laptop CPU (the demo).
     "tiny": {
         "d_model": 128,

@@ -8,8 +8,9 @@ the batch. This loop computes the same search with less work per step, as fairse
   In encoder-decoder attention (§3.2.3) the k beams of a sentence are k queries against that one copy
   (queries ``[sentences, heads, k, d_k]``, keys ``[sentences, heads, source length, d_k]``), so these are
   never repeated or reordered.
-* Masked self-attention keeps its keys and values in preallocated buffers, one row per beam, written at the
-  new position and reordered when the beams are re-ranked.
+* Masked self-attention keeps its keys and values in preallocated buffers, written once where they were
+  computed: when the beams are re-ranked, nothing is copied; each hypothesis' query sees the keys of its
+  own prefix through a mask (:class:`IncrementalDecoder`).
 * A sentence leaves the batch (its rows, encoder keys and values, caches) as soon as its search is over.
 
 The search is transformers' vectorised beam search (``GenerationMixin._beam_search``) step for step: the top
@@ -26,6 +27,7 @@ and sibling modules.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from functools import partial
 
@@ -111,17 +113,21 @@ def unsupported_options(
 def _eos_forbidden_at_a_limit(processors: LogitsProcessorList, prompt: int) -> bool:
     """Whether ``min_length`` / ``min_new_tokens`` forbid ``</s>`` at the step where a sentence's own limit allows
     only ``</s>``: every continuation is then -inf, and transformers' pick among them is arbitrary."""
-    least = 0  # new tokens before </s> is allowed
-    for processor in processors:
-        if isinstance(processor, MinLengthLogitsProcessor):
-            least = max(least, processor.min_length - prompt)
-        elif isinstance(processor, MinNewTokensLengthLogitsProcessor):
-            least = max(least, processor.min_new_tokens + processor.prompt_length_to_skip - prompt)
+    least = max((_new_tokens_before_eos(p, prompt) for p in processors), default=0)
     return any(
         bool((processor.limits - 1 < least).any())
         for processor in processors
         if isinstance(processor, SentenceLengthLimit)
     )
+
+
+def _new_tokens_before_eos(processor: object, prompt: int) -> int:
+    """How many new tokens a ``min_length`` / ``min_new_tokens`` processor requires before ``</s>`` (0 for others)."""
+    if isinstance(processor, MinLengthLogitsProcessor):
+        return processor.min_length - prompt
+    if isinstance(processor, MinNewTokensLengthLogitsProcessor):
+        return processor.min_new_tokens + processor.prompt_length_to_skip - prompt
+    return 0
 
 
 class IncrementalDecodingMixin:
@@ -182,9 +188,17 @@ class IncrementalDecodingMixin:
 
 
 class IncrementalDecoder:
-    """The model's decoder and output layer run one position at a time over rows = sentences × beams (beams of
-    a sentence adjacent), with the encoder-decoder keys and values projected once per sentence and the
-    self-attention keys and values in preallocated buffers (fairseq's incremental decoding)."""
+    """The model's decoder and output layer run one position at a time over sentences × beams, with the
+    encoder-decoder keys and values projected once per sentence (fairseq's incremental decoding).
+
+    Within a layer a sentence's k beams are k query positions (``[sentences, beams, d_model]``). Masked
+    self-attention keeps the keys and values of every beam at every step where they were computed
+    (``[sentences, heads, steps, beams, d_k]``) and never moves them when beam search re-ranks the beams:
+    each hypothesis instead records which beam slot its prefix held at each step (``ancestry``), and its query
+    attends to the k × steps keys of its sentence through a mask that keeps the keys of its own prefix. This
+    computes the same attention as reordered caches, with k times as many (masked) scores, which are cheap
+    next to copying every layer's keys and values at every step.
+    """
 
     def __init__(
         self, model: nn.Module, encoder_states: torch.Tensor, source_mask: torch.Tensor | None, beams: int, steps: int
@@ -194,7 +208,7 @@ class IncrementalDecoder:
         self.beams = beams
         self.steps = steps  # positions the buffers hold
         self.step = 0  # positions computed so far
-        self.rows = encoder_states.shape[0] * beams
+        self.sentences = encoder_states.shape[0]
         self.encoder_states = encoder_states
         self.source_mask = source_mask
         self.cross = [
@@ -203,6 +217,9 @@ class IncrementalDecoder:
         ]
         self.cross_mask = self._cross_attention_mask()
         self.self_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        device = encoder_states.device
+        self.ancestry = torch.zeros(self.sentences, beams, steps, dtype=torch.long, device=device)
+        self.slots = torch.arange(beams, device=device)
 
     def _cross_attention_mask(self) -> torch.Tensor | None:
         """The model's own mask for encoder-decoder attention with each sentence's beams as queries."""
@@ -214,30 +231,44 @@ class IncrementalDecoder:
             encoder_hidden_states=self.encoder_states,
         )
 
+    def _self_attention_mask(self) -> torch.Tensor:
+        """``[sentences, 1, beams, (step + 1) · beams]``: hypothesis i sees the key of beam slot j at step s iff
+        its prefix held slot j at step s (boolean for sdpa, additive for eager, as the model's masks are)."""
+        seen = self.ancestry[:, :, : self.step + 1, None] == self.slots  # [sentences, beams, steps, slots]
+        mask = seen.flatten(2)[:, None]
+        if self.decoder.config._attn_implementation == "sdpa":
+            return mask
+        return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+
     def next_token_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (fp32) of the token after ``tokens`` (one per row), which sit at position ``self.step``."""
+        """Logits (fp32, ``[sentences · beams, vocab]``) of the token after ``tokens`` (one per hypothesis),
+        which sit at position ``self.step``."""
         decoder = self.decoder
-        hidden = decoder.embed(decoder.embed_tokens(tokens[:, None]), self.step)  # [rows, 1, d_model]
+        hidden = decoder.embed(decoder.embed_tokens(tokens[:, None]), self.step)  # [hypotheses, 1, d_model]
+        hidden = hidden.view(self.sentences, self.beams, -1)
+        self.ancestry[:, :, self.step] = self.slots
+        self_mask = self._self_attention_mask()
         for index, layer in enumerate(decoder.layers):
-            hidden = self._decoder_layer(index, layer, hidden)
+            hidden = self._decoder_layer(index, layer, hidden, self_mask)
         hidden = decoder.final_norm(hidden)
         self.step += 1
-        return self.lm_head(hidden)[:, -1].float()
+        return self.lm_head(hidden).flatten(0, 1).float()
 
-    def _decoder_layer(self, index: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """One decoder layer (§3.1) for the new position: masked self-attention over the positions so far,
-        encoder-decoder attention with a sentence's beams as its queries, then the feed-forward network."""
+    def _decoder_layer(
+        self, index: int, layer: nn.Module, hidden: torch.Tensor, self_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """One decoder layer (§3.1) for the new position of every hypothesis (``[sentences, beams, d_model]``):
+        masked self-attention over its prefix, encoder-decoder attention, then the feed-forward network."""
         attn, add_norm = layer.self_attn, layer.self_attn_add_norm
         x = add_norm.sublayer_input(hidden)
         keys, values = self._extend_self_cache(
             index, attn.split_heads(attn.k_proj(x)), attn.split_heads(attn.v_proj(x))
         )
-        hidden = add_norm(hidden, attn.attend(attn.split_heads(attn.q_proj(x)), keys, values, None)[0])
+        hidden = add_norm(hidden, attn.attend(attn.split_heads(attn.q_proj(x)), keys, values, self_mask)[0])
 
         attn, add_norm = layer.encoder_attn, layer.encoder_attn_add_norm
-        x = add_norm.sublayer_input(hidden).view(self.rows // self.beams, self.beams, -1)  # [sentences, beams, d_model]
-        attended, _ = attn.attend(attn.split_heads(attn.q_proj(x)), *self.cross[index], self.cross_mask)
-        hidden = add_norm(hidden, attended.view(hidden.shape))
+        x = add_norm.sublayer_input(hidden)
+        hidden = add_norm(hidden, attn.attend(attn.split_heads(attn.q_proj(x)), *self.cross[index], self.cross_mask)[0])
 
         add_norm = layer.feed_forward_add_norm
         return add_norm(hidden, layer.feed_forward(add_norm.sublayer_input(hidden)))
@@ -245,28 +276,31 @@ class IncrementalDecoder:
     def _extend_self_cache(
         self, index: int, key: torch.Tensor, value: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new position's keys and values (``[rows, heads, 1, d_k]``) into layer ``index``'s buffers;
-        return those of all positions so far."""
+        """Write the new position's keys and values (``[sentences, heads, beams, d_k]``) into layer ``index``'s
+        buffers; return those of all positions so far, ``[sentences, heads, (step + 1) · beams, d_k]``."""
         if index == len(self.self_cache):
-            shape = (key.shape[0], key.shape[1], self.steps, key.shape[-1])
+            shape = (key.shape[0], key.shape[1], self.steps, self.beams, key.shape[-1])
             self.self_cache.append((key.new_empty(shape), value.new_empty(shape)))
-        keys, values = (buffer[: self.rows] for buffer in self.self_cache[index])
-        keys[:, :, self.step] = key[:, :, 0]
-        values[:, :, self.step] = value[:, :, 0]
-        return keys[:, :, : self.step + 1], values[:, :, : self.step + 1]
+        keys, values = (buffer[: self.sentences] for buffer in self.self_cache[index])
+        keys[:, :, self.step] = key
+        values[:, :, self.step] = value
+        return keys[:, :, : self.step + 1].flatten(2, 3), values[:, :, : self.step + 1].flatten(2, 3)
 
     def select(self, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
-        """Continue with new rows, row i extending the hypothesis of old row ``rows[i]`` (beam re-ranking); with
-        ``sentences``, only these sentences (indices among the current ones) stay in the batch."""
-        for buffers in self.self_cache:
-            for buffer in buffers:
-                buffer[: rows.numel(), :, : self.step] = buffer[rows, :, : self.step]
-        self.rows = rows.numel()
+        """Continue with new hypotheses, hypothesis i (``sentence · beams + beam``) extending the prefix of old
+        hypothesis ``rows[i]`` (beam re-ranking); with ``sentences``, only these sentences (indices among the
+        current ones) stay in the batch."""
+        ancestry = self.ancestry.view(-1, self.steps)[rows]
         if sentences is not None:
+            self.sentences = sentences.numel()
+            for buffers in self.self_cache:
+                for buffer in buffers:
+                    buffer[: self.sentences, :, : self.step] = buffer[sentences, :, : self.step]
             self.cross = [(keys[sentences], values[sentences]) for keys, values in self.cross]
             self.encoder_states = self.encoder_states[sentences]
             self.source_mask = None if self.source_mask is None else self.source_mask[sentences]
             self.cross_mask = self._cross_attention_mask()
+        self.ancestry = ancestry.view(self.sentences, self.beams, self.steps)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -395,8 +429,7 @@ def beam_search(
     for cur_len in range(prompt, max_length):
         generated, b = cur_len - prompt, beams.sentences.numel()
         log_probs = F.log_softmax(decoder.next_token_logits(beams.running[:, :, cur_len - 1].reshape(-1)), dim=-1)
-        sequences = beams.running[:, :, :cur_len].reshape(b * k, cur_len)
-        log_probs = _process(logits_processor, sequences, log_probs, generated, beams.sentences, k)
+        log_probs = _process(logits_processor, log_probs, generated, prompt, beams.sentences, k)
         parents = _beam_step(beams, log_probs, cur_len, generated, max_length, eos, lp, early_stopping)
         _update_improvable(beams, generated + 1, max_length - prompt, alpha, lp, early_stopping)
         done = _sentence_done(beams, early_stopping) | (cur_len + 1 >= max_length)
@@ -445,7 +478,7 @@ def greedy_search(
     active = torch.arange(input_ids.shape[0], device=input_ids.device)
     for cur_len in range(prompt, max_length):
         logits = decoder.next_token_logits(output[active, cur_len - 1])
-        scores = _process(logits_processor, output[active, :cur_len], logits, cur_len - prompt, active, 1)
+        scores = _process(logits_processor, logits, cur_len - prompt, prompt, active, 1)
         tokens = scores.argmax(-1)
         output[active, cur_len] = tokens
         going = tokens != eos
@@ -468,17 +501,19 @@ def _start_decoder(model: nn.Module, model_kwargs: dict, beams: int, steps: int)
 
 def _process(
     processors: LogitsProcessorList,
-    sequences: torch.Tensor,
     scores: torch.Tensor,
     generated: int,
+    prompt: int,
     sentences: torch.Tensor,
     beams: int,
 ) -> torch.Tensor:
-    """Apply the (supported) logits processors to the rows of the sentences still in the batch."""
+    """Apply the (supported) logits processors to the scores (a fresh tensor, changed in place) of the rows of
+    the sentences still in the batch: ``</s>`` is ruled out (-inf) before the minimum length, as transformers'
+    processors do, and forced at a sentence's own limit."""
     for processor in processors:
         if isinstance(processor, SentenceLengthLimit):
             limits = processor.limits.to(scores.device)[sentences].repeat_interleave(beams)
             scores = force_eos_at_limits(scores, generated, limits, processor.eos_token_id)
-        else:
-            scores = processor(sequences, scores)
+        elif generated < _new_tokens_before_eos(processor, prompt):
+            scores[:, processor.eos_token_id.to(scores.device)] = -math.inf
     return scores

@@ -214,6 +214,43 @@ def _additive_mask(
     )
 
 
+class Packing:
+    """The real (non-padding) positions of a padded batch, for training without computing on the padding.
+
+    Everything but attention acts on each position alone (the Q/K/V/output projections, the feed-forward
+    network, add & norm, dropout), so in training those pieces can run on the real tokens only, a
+    ``[tokens, d_model]`` matrix, and skip the padding a batch of unequal sentences carries (a sixth of the
+    positions when lengths vary by ±20%). Attention works on the padded ``[batch, len, ...]`` layout: the
+    projected queries, keys and values are unpacked into it and the attended values packed back. The results
+    at real positions are those of the padded computation; the outputs at padding positions are zeros.
+    """
+
+    def __init__(self, keep: torch.Tensor) -> None:
+        self.shape = tuple(keep.shape)
+        self.index = keep.flatten().nonzero().squeeze(-1)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[batch, len, ...]`` → ``[tokens, ...]``."""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """``[tokens, ...]`` → ``[batch, len, ...]`` with zeros at the padding positions."""
+        if x is None:
+            return None
+        padded = x.new_zeros(self.shape[0] * self.shape[1], *x.shape[1:]).index_copy(0, self.index, x)
+        return padded.view(*self.shape, *x.shape[1:])
+
+
+def packing_for(keep: torch.Tensor | None, training: bool, kwargs: dict) -> Packing | None:
+    """A :class:`Packing` of the positions ``keep`` marks (``[batch, len]``) where packing pays: in training,
+    when some position is padding, outside ``torch.compile`` and when no per-layer outputs are recorded."""
+    if not training or keep is None or keep.dim() != 2 or is_torchdynamo_compiling():
+        return None
+    if kwargs.get("output_hidden_states") or kwargs.get("output_attentions") or bool(keep.all()):
+        return None
+    return Packing(keep.bool())
+
+
 class MultiHeadAttention(nn.Module):
     """MultiHead(Q, K, V) = Concat(head_1, ..., head_h) W^O, head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V).
 
@@ -249,14 +286,19 @@ class MultiHeadAttention(nn.Module):
         """``[batch, len, d_model]`` → ``[batch, heads, len, d_k]``."""
         return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
 
+    def project(self, linear: nn.Linear, x: torch.Tensor, packing: Packing | None) -> torch.Tensor:
+        """``linear(x)`` split into heads, ``[batch, heads, len, d_k]``; ``x`` is packed when ``packing`` is given."""
+        projected = linear(x)
+        return self.split_heads(projected if packing is None else packing.unpack(projected))
+
     def keys_and_values(
-        self, source: torch.Tensor, cache: EncoderDecoderCache | None
+        self, source: torch.Tensor, cache: EncoderDecoderCache | None, packing: Packing | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Project K and V, reusing or extending the decoding cache (§3.2.3, incremental decoding)."""
         if cache is not None and self.is_cross_attention and cache.is_updated.get(self.layer_idx):
             layer = cache.cross_attention_cache.layers[self.layer_idx]
             return layer.keys, layer.values
-        key, value = self.split_heads(self.k_proj(source)), self.split_heads(self.v_proj(source))
+        key, value = self.project(self.k_proj, source, packing), self.project(self.v_proj, source, packing)
         if cache is not None:
             if self.is_cross_attention:
                 key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
@@ -271,12 +313,18 @@ class MultiHeadAttention(nn.Module):
         key_value_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: EncoderDecoderCache | None = None,
+        packing: Packing | None = None,
+        source_packing: Packing | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        query = self.split_heads(self.q_proj(hidden_states))
-        source = key_value_states if self.is_cross_attention else hidden_states
-        key, value = self.keys_and_values(source, cache)
-        return self.attend(query, key, value, attention_mask, **kwargs)
+        """``hidden_states`` (and the encoder's ``key_value_states``) are packed when ``packing``
+        (``source_packing``) is given, and so is the result."""
+        query = self.project(self.q_proj, hidden_states, packing)
+        if self.is_cross_attention:
+            key, value = self.keys_and_values(key_value_states, cache, source_packing)
+        else:
+            key, value = self.keys_and_values(hidden_states, cache, packing)
+        return self.attend(query, key, value, attention_mask, packing, **kwargs)
 
     def attend(
         self,
@@ -284,10 +332,12 @@ class MultiHeadAttention(nn.Module):
         key: torch.Tensor,
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
+        packing: Packing | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of the projected heads (``[batch, heads, len, d_k]``), concatenated and projected by W^O:
-        ``[batch, q_len, d_model]`` and the attention weights (where the implementation returns them)."""
+        ``[batch, q_len, d_model]`` (packed with ``packing``) and the attention weights (where the
+        implementation returns them)."""
         implementation = self.config._attn_implementation
         if implementation == "sdpa" and _explicit_attention_is_faster(query, key):
             implementation = "eager"
@@ -305,6 +355,8 @@ class MultiHeadAttention(nn.Module):
             **kwargs,
         )
         concatenated = heads.flatten(-2)  # [batch, q_len, heads, d_k] -> [batch, q_len, d_model]
+        if packing is not None:
+            concatenated = packing.pack(concatenated)
         return self.out_proj(concatenated), weights
 
 
@@ -364,10 +416,17 @@ class EncoderLayer(GradientCheckpointingLayer):
         self.feed_forward_add_norm = AddNorm(config)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        packing: Packing | None = None,
+        **kwargs,
     ) -> torch.Tensor:
         attended, _ = self.self_attn(
-            self.self_attn_add_norm.sublayer_input(hidden_states), attention_mask=attention_mask, **kwargs
+            self.self_attn_add_norm.sublayer_input(hidden_states),
+            attention_mask=attention_mask,
+            packing=packing,
+            **kwargs,
         )
         hidden_states = self.self_attn_add_norm(hidden_states, attended)
         transformed = self.feed_forward(self.feed_forward_add_norm.sublayer_input(hidden_states))
@@ -398,12 +457,15 @@ class DecoderLayer(GradientCheckpointingLayer):
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
         cache: EncoderDecoderCache | None = None,
+        packing: Packing | None = None,
+        encoder_packing: Packing | None = None,
         **kwargs,
     ) -> torch.Tensor:
         attended, _ = self.self_attn(
             self.self_attn_add_norm.sublayer_input(hidden_states),
             attention_mask=attention_mask,
             cache=cache,
+            packing=packing,
             **kwargs,
         )
         hidden_states = self.self_attn_add_norm(hidden_states, attended)
@@ -412,6 +474,8 @@ class DecoderLayer(GradientCheckpointingLayer):
             key_value_states=encoder_hidden_states,
             attention_mask=encoder_attention_mask,
             cache=cache,
+            packing=packing,
+            source_packing=encoder_packing,
             **kwargs,
         )
         hidden_states = self.encoder_attn_add_norm(hidden_states, attended)
@@ -528,9 +592,14 @@ class VaswaniEncoder(LayerStack):
         mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
         )
+        packing = packing_for(attention_mask, self.training, kwargs)
+        if packing is not None:
+            hidden_states = packing.pack(hidden_states)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, mask, **kwargs)
+            hidden_states = layer(hidden_states, mask, packing=packing, **kwargs)
         hidden_states = self.final_norm(hidden_states)
+        if packing is not None:
+            hidden_states = packing.unpack(hidden_states)
         return BaseModelOutput(last_hidden_state=hidden_states)
 
 
@@ -558,8 +627,12 @@ class VaswaniDecoder(LayerStack):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        needed_positions: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
+        """``needed_positions`` (``[batch, len]``, optional): the target positions whose outputs will be used
+        (the loss's); in training the others are skipped (see :class:`Packing`) and their outputs are zeros.
+        Without it, the positions up to each row's last one that ``attention_mask`` keeps."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of decoder_input_ids or decoder_inputs_embeds to the decoder.")
         if encoder_hidden_states is None:
@@ -590,6 +663,15 @@ class VaswaniDecoder(LayerStack):
             attention_mask=encoder_attention_mask,
             encoder_hidden_states=encoder_hidden_states,
         )
+        # A target position is needed up to the last one used: causal self-attention lets only later positions
+        # read it.
+        needed = _up_to_last_kept(attention_mask if needed_positions is None else needed_positions)
+        packing = packing_for(needed, self.training, kwargs)
+        encoder_packing = packing_for(encoder_attention_mask, self.training, kwargs)
+        if packing is not None:
+            hidden_states = packing.pack(hidden_states)
+        if encoder_packing is not None:
+            encoder_hidden_states = encoder_packing.pack(encoder_hidden_states)
         for layer in self.layers:
             hidden_states = layer(
                 hidden_states,
@@ -597,10 +679,21 @@ class VaswaniDecoder(LayerStack):
                 encoder_hidden_states,  # positional, so gradient checkpointing passes it through
                 encoder_attention_mask=cross_mask,
                 cache=cache,
+                packing=packing,
+                encoder_packing=encoder_packing,
                 **kwargs,
             )
         hidden_states = self.final_norm(hidden_states)
+        if packing is not None:
+            hidden_states = packing.unpack(hidden_states)
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, cache=cache)
+
+
+def _up_to_last_kept(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``[batch, len]`` mask → True at every position up to the row's last kept one."""
+    if mask is None or mask.dim() != 2:
+        return mask
+    return mask.bool().flip(-1).cummax(-1).values.flip(-1)
 
 
 def shift_tokens_right(
@@ -659,6 +752,7 @@ class VaswaniModel(VaswaniPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         decoder_inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        decoder_needed_positions: torch.Tensor | None = None,
         **kwargs,
     ) -> Seq2SeqModelOutput:
         if encoder_outputs is None:
@@ -681,6 +775,7 @@ class VaswaniModel(VaswaniPreTrainedModel):
             cache=cache,
             inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,
+            needed_positions=decoder_needed_positions,
             **kwargs,
         )
         return Seq2SeqModelOutput(
@@ -747,8 +842,12 @@ class VaswaniForConditionalGeneration(
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
         **kwargs,
     ) -> Seq2SeqLMOutput:
+        """With ``labels``: the loss, label-smoothed by ``label_smoothing`` (§5.4). In training only the
+        positions up to each row's last label are computed (see :class:`Packing`), and the output layer and
+        loss run on the labelled positions alone; ``logits`` are zeros at the others."""
         if labels is not None:
             use_cache = False
             if decoder_input_ids is None and decoder_inputs_embeds is None:
@@ -763,10 +862,18 @@ class VaswaniForConditionalGeneration(
             inputs_embeds=inputs_embeds,
             decoder_inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,
+            decoder_needed_positions=None if labels is None else labels != -100,
             **kwargs,
         )
-        logits = self.lm_head(outputs.last_hidden_state)
-        loss = None if labels is None else token_cross_entropy(logits, labels, num_items_in_batch)
+        hidden_states = outputs.last_hidden_state
+        packing = None if labels is None else packing_for(labels != -100, self.training, kwargs)
+        if packing is None:
+            logits = self.lm_head(hidden_states)
+            loss = None if labels is None else token_cross_entropy(logits, labels, num_items_in_batch, label_smoothing)
+        else:
+            labelled_logits = self.lm_head(packing.pack(hidden_states))
+            loss = token_cross_entropy(labelled_logits, packing.pack(labels), num_items_in_batch, label_smoothing)
+            logits = packing.unpack(labelled_logits)
         return Seq2SeqLMOutput(
             loss=loss,
             logits=logits,
@@ -837,20 +944,35 @@ def _identical_row_classes(cross: Cache) -> torch.Tensor | None:
 
 
 def token_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
 ) -> torch.Tensor:
-    """Sum of per-token cross-entropy (in fp32) over labels != -100, divided by ``num_items_in_batch``
-    when given, else by the number of those labels."""
+    """Sum of per-token cross-entropy (in fp32) over labels != ``ignore_index``, divided by
+    ``num_items_in_batch`` when given, else by the number of those labels.
+
+    With ``label_smoothing`` ε (§5.4, ε_ls = 0.1 in the paper) the target distribution puts ε/V on every
+    class and 1 - ε + ε/V on the label, as ``torch.nn.functional.cross_entropy(label_smoothing=ε)`` does
+    (fairseq and tensor2tensor give the label 1 - ε and the others ε/(V - 1)).
+    """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
-            f"labels have shape {tuple(labels.shape)} but the decoder produced {tuple(logits.shape[:-1])}; "
-            "labels must align with decoder_input_ids (one per target position)."
+            f"labels have shape {tuple(labels.shape)} but the logits {tuple(logits.shape)} need the same shape "
+            "without the vocabulary dimension; labels must align with decoder_input_ids (one per target position)."
         )
     total = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device), reduction="sum"
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1).to(logits.device),
+        reduction="sum",
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
     )
     if num_items_in_batch is None:
-        num_items_in_batch = (labels != -100).sum().clamp(min=1)
+        num_items_in_batch = (labels != ignore_index).sum().clamp(min=1)
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..modeling import token_cross_entropy
+
 
 def label_smoothed_cross_entropy(
     logits: torch.Tensor,
@@ -28,24 +30,11 @@ def label_smoothed_cross_entropy(
     ``num_items_in_batch`` when given (the Trainer's count of target tokens over all gradient-accumulation
     micro-batches), else by the number of non-ignored tokens (0 if there are none). Labels must already be
     aligned with the logits (no shift; for an encoder-decoder the decoder inputs are the shifted ones).
+    The model's own loss (``labels=..., label_smoothing=ε``) is this function.
     """
     if not 0.0 <= epsilon < 1.0:
         raise ValueError(f"epsilon (label smoothing) must be in [0, 1), got {epsilon}")
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(
-            f"logits {tuple(logits.shape)} must be labels {tuple(labels.shape)} plus a vocabulary dimension"
-        )
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    mask = labels != ignore_index
-    target = torch.where(mask, labels, torch.zeros_like(labels))
-    nll = -log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    per_token = (1.0 - epsilon) * nll - epsilon * log_probs.mean(dim=-1)
-    total = (per_token * mask).sum()
-    if num_items_in_batch is None:
-        return total / mask.sum().clamp(min=1)
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+    return token_cross_entropy(logits, labels, num_items_in_batch, epsilon, ignore_index)
 
 
 def make_compute_loss_func(epsilon: float = 0.1, ignore_index: int = -100) -> Callable[..., torch.Tensor]:

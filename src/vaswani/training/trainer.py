@@ -10,6 +10,7 @@ and RNG state, resuming, evaluation with ``generate()`` and sacreBLEU, logging, 
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -49,8 +50,11 @@ class VaswaniTrainer(Seq2SeqTrainer):
         label_smoothing: float = 0.1,
         **kwargs: Any,
     ) -> None:
-        if label_smoothing:
+        model = kwargs.get("model", args[0] if args else None)
+        smooths_itself = "label_smoothing" in inspect.signature(model.forward).parameters
+        if label_smoothing and not smooths_itself:
             kwargs.setdefault("compute_loss_func", make_compute_loss_func(label_smoothing))
+        self.label_smoothing = label_smoothing if smooths_itself else 0.0
         self.nonfinite = StopOnNonFiniteLoss()
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.nonfinite]
         super().__init__(*args, **kwargs)
@@ -72,6 +76,13 @@ class VaswaniTrainer(Seq2SeqTrainer):
             pin_memory=self.args.dataloader_pin_memory,
         )
         return self.accelerator.prepare(loader)
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
+        """The model's own loss with ``label_smoothing``: given the labels, a Vaswani model computes only the
+        positions the loss reads (see ``modeling.Packing``)."""
+        if self.label_smoothing and "labels" in inputs and self.compute_loss_func is None:
+            inputs = {**inputs, "label_smoothing": self.label_smoothing}
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
