@@ -406,6 +406,7 @@ def _sentence_done(beams: Beams, early_stopping) -> torch.Tensor:
     return ~beams.improvable[:, 0] | (beams.is_finished.all(-1) & (early_stopping is True))
 
 
+@torch.inference_mode(False)  # autocast caches its bf16/fp16 weights only outside inference mode
 @torch.no_grad()
 def beam_search(
     model: nn.Module,
@@ -459,6 +460,7 @@ def _beam_fill_value(config: GenerationConfig) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
+@torch.inference_mode(False)  # autocast caches its bf16/fp16 weights only outside inference mode
 @torch.no_grad()
 def greedy_search(
     model: nn.Module,
