@@ -70,7 +70,9 @@ def run_demo(
         warmup_steps=300,
         lr_scale=1.0,
         label_smoothing=0.1,
-        save_steps=10**9,
+        save_steps=200,  # the last 5 checkpoints (800 updates) are averaged into the final model (§6.1)
+        save_total_limit=5,
+        average_last=5,
         logging_steps=100,
         seed=seed,
         overwrite=True,
