@@ -242,10 +242,8 @@ class Packing:
         """``[batch, len, ...]`` → ``[tokens, ...]``."""
         return x.flatten(0, 1).index_select(0, self.index)
 
-    def unpack(self, x: torch.Tensor | None) -> torch.Tensor | None:
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """``[tokens, ...]`` → ``[batch, len, ...]`` with zeros at the padding positions."""
-        if x is None:
-            return None
         padded = x.new_zeros(self.shape[0] * self.shape[1], *x.shape[1:]).index_copy(0, self.index, x)
         return padded.view(*self.shape, *x.shape[1:])
 
@@ -871,6 +869,7 @@ class VaswaniForConditionalGeneration(
             use_cache = False
             if decoder_input_ids is None and decoder_inputs_embeds is None:
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+        labelled = None if labels is None else labels != -100
         outputs = self.model(
             input_ids,
             attention_mask=attention_mask,
@@ -881,11 +880,11 @@ class VaswaniForConditionalGeneration(
             inputs_embeds=inputs_embeds,
             decoder_inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,
-            decoder_needed_positions=None if labels is None else labels != -100,
+            decoder_needed_positions=labelled,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        packing = None if labels is None else packing_for(labels != -100, self.training, kwargs)
+        packing = None if labels is None else packing_for(labelled, self.training, kwargs)
         if packing is None:
             logits = self.lm_head(hidden_states)
             loss = None if labels is None else token_cross_entropy(logits, labels, num_items_in_batch, label_smoothing)
@@ -977,7 +976,7 @@ def token_cross_entropy(
     (fairseq and tensor2tensor give the label 1 - ε and the others ε/(V - 1)).
     """
     if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        raise ValueError(f"label_smoothing (epsilon) must be in [0, 1), got {label_smoothing}")
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
             f"labels have shape {tuple(labels.shape)} but the logits {tuple(logits.shape)} need the same shape "

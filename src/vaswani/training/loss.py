@@ -32,8 +32,6 @@ def label_smoothed_cross_entropy(
     aligned with the logits (no shift; for an encoder-decoder the decoder inputs are the shifted ones).
     The model's own loss (``labels=..., label_smoothing=ε``) is this function.
     """
-    if not 0.0 <= epsilon < 1.0:
-        raise ValueError(f"epsilon (label smoothing) must be in [0, 1), got {epsilon}")
     return token_cross_entropy(logits, labels, num_items_in_batch, epsilon, ignore_index)
 
 

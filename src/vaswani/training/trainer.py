@@ -51,7 +51,7 @@ class VaswaniTrainer(Seq2SeqTrainer):
         **kwargs: Any,
     ) -> None:
         model = kwargs.get("model", args[0] if args else None)
-        smooths_itself = "label_smoothing" in inspect.signature(model.forward).parameters
+        smooths_itself = model is not None and "label_smoothing" in inspect.signature(model.forward).parameters
         if label_smoothing and not smooths_itself:
             kwargs.setdefault("compute_loss_func", make_compute_loss_func(label_smoothing))
         self.label_smoothing = label_smoothing if smooths_itself else 0.0
