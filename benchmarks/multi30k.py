@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--warmup-steps", type=int, default=1000)
     parser.add_argument("--lr-scale", type=float, default=2.0)
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop after N updates (--minutes caps)")
+    parser.add_argument("--cooldown-steps", type=int, default=0, help="linear decay to zero over the last N updates")
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--average-last", type=int, default=5)
     parser.add_argument("--save-steps", type=int, default=400)
@@ -53,6 +55,8 @@ def main() -> None:
         vocab_size=args.vocab_size,
         max_tokens=args.max_tokens,
         epochs=1000,
+        max_steps=args.max_steps,
+        cooldown_steps=args.cooldown_steps,
         max_minutes=args.minutes,
         warmup_steps=args.warmup_steps,
         lr_scale=args.lr_scale,

@@ -31,6 +31,26 @@ def test_step_zero_is_step_one():
         noam_lr(1, 512, warmup_steps=0)
 
 
+def test_cooldown_decays_linearly_to_zero_over_the_last_steps():
+    rates = [noam_lr(s, 64, 10, cooldown_steps=20, total_steps=100) for s in range(1, 101)]
+    assert rates[:80] == [noam_lr(s, 64, 10) for s in range(1, 81)]  # untouched before the cool-down
+    for step in (81, 90, 100):
+        assert noam_lr(step, 64, 10, cooldown_steps=20, total_steps=100) == pytest.approx(
+            noam_lr(step, 64, 10) * (101 - step) / 20
+        )
+    assert rates[-1] == pytest.approx(noam_lr(100, 64, 10) / 20)
+    assert noam_lr(101, 64, 10, cooldown_steps=20, total_steps=100) == 0.0
+    assert all(a > b for a, b in zip(rates[80:], rates[81:]))
+
+
+@pytest.mark.parametrize("total", [None, 0, 19])
+def test_cooldown_needs_a_total_at_least_as_long(total):
+    with pytest.raises(ValueError, match="cooldown_steps=20 needs the run's total_steps"):
+        noam_lr(1, 64, 10, cooldown_steps=20, total_steps=total)
+    with pytest.raises(ValueError, match="max_steps"):
+        get_noam_schedule(_optimizer(), 64, 10, cooldown_steps=20, total_steps=total)
+
+
 def test_lambdalr_matches_noam_lr_and_ignores_optimizer_lr():
     opt = _optimizer(lr=5e-4)
     sched = get_noam_schedule(opt, d_model=64, warmup_steps=10)
@@ -42,7 +62,7 @@ def test_lambdalr_matches_noam_lr_and_ignores_optimizer_lr():
 
 def test_scheduler_state_dict_round_trip():
     opt = _optimizer()
-    sched = get_noam_schedule(opt, d_model=64, warmup_steps=10, scale=2.0)
+    sched = get_noam_schedule(opt, d_model=64, warmup_steps=10, scale=2.0, cooldown_steps=5, total_steps=12)
     for _ in range(7):
         opt.step()
         sched.step()
@@ -60,7 +80,8 @@ def test_scheduler_state_dict_round_trip():
     sched.step()
     assert sched2.last_epoch == 8
     assert sched2.get_last_lr() == pytest.approx(sched.get_last_lr())
-    assert sched2.get_last_lr()[0] == pytest.approx(noam_lr(9, 64, 10, 2.0))
+    assert sched2.get_last_lr()[0] == pytest.approx(noam_lr(9, 64, 10, 2.0, cooldown_steps=5, total_steps=12))
+    assert sched2.get_last_lr()[0] < noam_lr(9, 64, 10, 2.0)
 
 
 def test_paper_adam_hyperparameters():

@@ -15,6 +15,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, TrainerControl, T
 
 from vaswani.training.numbers import make_number_corpus, write_parallel_corpus
 from vaswani.training.run import TrainSettings, train
+from vaswani.training.schedule import noam_lr
 from vaswani.training.trainer import StopOnNonFiniteLoss, last_complete_checkpoint
 
 TINY = {
@@ -86,6 +87,17 @@ def test_train_produces_a_loadable_model_folder(corpus_dir, tmp_path):
     assert torch.allclose(final[key], (a[key] + b[key]) / 2, atol=1e-6)
     log = json.loads((out / "vaswani_run.json").read_text())
     assert log["result"]["steps"] == 6
+
+
+def test_cooldown_steps_end_the_run_at_a_small_learning_rate(corpus_dir, tmp_path):
+    train(settings_for(corpus_dir, tmp_path / "run", cooldown_steps=3))
+    state = json.loads((tmp_path / "run" / "checkpoint-6" / "trainer_state.json").read_text())
+    logged = {entry["step"]: entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry}
+    d_model = TINY["d_model"]
+    # the Trainer logs the rate of the update it just made
+    assert logged == pytest.approx({k: noam_lr(k, d_model, 10, cooldown_steps=3, total_steps=6) for k in range(1, 7)})
+    assert logged[3] == pytest.approx(noam_lr(3, d_model, 10))  # before the cool-down
+    assert logged[6] == pytest.approx(noam_lr(6, d_model, 10) / 3)  # the last update: a third of the rate
 
 
 def test_bad_input_is_refused(corpus_dir, tmp_path):

@@ -153,6 +153,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-minutes", type=float, help="stop after this much wall time (a checkpoint is saved)")
     p.add_argument("--warmup-steps", type=int, default=4000, help="learning-rate warm-up (paper: 4,000)")
     p.add_argument("--lr-scale", type=float, default=1.0, help="factor on the paper's learning-rate schedule")
+    p.add_argument("--cooldown-steps", type=int, default=0,
+                   help="decay the learning rate linearly to zero over the last N updates (0: the paper's schedule)")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="ε_ls (paper: 0.1)")
     p.add_argument("--eval-steps", type=int, default=500, help="validate every N updates (0: never)")
     p.add_argument("--eval-beams", type=int, default=4, help="beam size of validation BLEU (paper: 4)")
@@ -200,7 +202,8 @@ def _run_train(args: argparse.Namespace) -> None:
         vocab_size=args.vocab_size, max_length=args.max_length, max_tokens=args.max_tokens,
         update_tokens=args.update_tokens, epochs=args.epochs, max_steps=args.max_steps,
         max_minutes=args.max_minutes, warmup_steps=args.warmup_steps, lr_scale=args.lr_scale,
-        label_smoothing=args.label_smoothing, eval_steps=args.eval_steps, eval_beams=args.eval_beams,
+        cooldown_steps=args.cooldown_steps, label_smoothing=args.label_smoothing, eval_steps=args.eval_steps,
+        eval_beams=args.eval_beams,
         eval_max_sentences=args.eval_max_sentences, save_steps=args.save_steps,
         save_total_limit=args.save_total_limit, average_last=args.average_last, logging_steps=args.logging_steps,
         bf16=args.bf16, seed=args.seed, resume=args.resume, overwrite=args.overwrite, report_to=args.report_to,

@@ -52,6 +52,7 @@ class TrainSettings:
     max_minutes: float | None = None
     warmup_steps: int = 4000
     lr_scale: float = 1.0
+    cooldown_steps: int = 0
     label_smoothing: float = 0.1
     eval_steps: int = 500
     eval_beams: int = 4
@@ -223,6 +224,7 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
         max_tokens=settings.max_tokens,
         warmup_steps=settings.warmup_steps,
         lr_scale=settings.lr_scale,
+        cooldown_steps=settings.cooldown_steps,
         label_smoothing=settings.label_smoothing,
     )
     resume_from = str(last_complete_checkpoint(settings.output_dir)) if settings.resume else None

@@ -9,6 +9,11 @@ Step convention: the paper counts updates from 1. ``noam_lr`` takes that 1-based
 ``step < 1`` as step 1, so step 0 never divides by zero. ``LambdaLR`` (and so the Trainer) counts
 scheduler steps from 0, and its value at count ``k`` is the learning rate of update ``k + 1``; the
 schedule from ``get_noam_schedule`` therefore evaluates ``noam_lr(k + 1)``.
+
+Optional cool-down (not in the paper): with ``total_steps`` and ``cooldown_steps`` the rate is also
+multiplied by ``min(1, (total_steps - step + 1) / cooldown_steps)``, a linear decay towards zero over the
+last ``cooldown_steps`` updates, as in warm-up–stable–decay schedules (Hägele et al. 2024). A run of known
+length then ends at a small learning rate instead of the still large ``step^-0.5`` value.
 """
 
 from __future__ import annotations
@@ -19,14 +24,30 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 
-def noam_lr(step: int, d_model: int, warmup_steps: int = 4000, scale: float = 1.0) -> float:
-    """Learning rate of update ``step`` (1-based; ``step < 1`` counts as 1) under the §5.3 schedule."""
+def noam_lr(
+    step: int,
+    d_model: int,
+    warmup_steps: int = 4000,
+    scale: float = 1.0,
+    cooldown_steps: int = 0,
+    total_steps: int | None = None,
+) -> float:
+    """Learning rate of update ``step`` (1-based; ``step < 1`` counts as 1) under the §5.3 schedule, with the
+    optional linear cool-down over the last ``cooldown_steps`` of ``total_steps`` updates."""
     if d_model < 1 or warmup_steps < 1:
         raise ValueError(
             f"noam_lr needs d_model >= 1 and warmup_steps >= 1, got d_model={d_model}, warmup_steps={warmup_steps}"
         )
+    if cooldown_steps < 0 or (cooldown_steps and (total_steps is None or not 0 < cooldown_steps <= total_steps)):
+        raise ValueError(
+            f"cooldown_steps={cooldown_steps} needs the run's total_steps (> 0, at least cooldown_steps; got "
+            f"{total_steps}): set max_steps for the run, or cooldown_steps=0 for the paper's schedule."
+        )
     step = max(step, 1)
-    return scale * d_model**-0.5 * min(step**-0.5, step * warmup_steps**-1.5)
+    rate = scale * d_model**-0.5 * min(step**-0.5, step * warmup_steps**-1.5)
+    if cooldown_steps:
+        rate *= min(1.0, max(0, total_steps - step + 1) / cooldown_steps)
+    return rate
 
 
 class NoamLambda:
@@ -36,14 +57,25 @@ class NoamLambda:
     resumed Trainer restores them.
     """
 
-    def __init__(self, d_model: int, warmup_steps: int = 4000, scale: float = 1.0) -> None:
-        noam_lr(1, d_model, warmup_steps, scale)  # validate the arguments early
+    def __init__(
+        self,
+        d_model: int,
+        warmup_steps: int = 4000,
+        scale: float = 1.0,
+        cooldown_steps: int = 0,
+        total_steps: int | None = None,
+    ) -> None:
+        noam_lr(1, d_model, warmup_steps, scale, cooldown_steps, total_steps)  # validate the arguments early
         self.d_model = d_model
         self.warmup_steps = warmup_steps
         self.scale = scale
+        self.cooldown_steps = cooldown_steps
+        self.total_steps = total_steps
 
     def __call__(self, count: int) -> float:
-        return noam_lr(count + 1, self.d_model, self.warmup_steps, self.scale)
+        return noam_lr(
+            count + 1, self.d_model, self.warmup_steps, self.scale, self.cooldown_steps, self.total_steps
+        )
 
 
 def get_noam_schedule(
@@ -52,6 +84,8 @@ def get_noam_schedule(
     warmup_steps: int = 4000,
     scale: float = 1.0,
     last_epoch: int = -1,
+    cooldown_steps: int = 0,
+    total_steps: int | None = None,
 ) -> LambdaLR:
     """``LambdaLR`` implementing the §5.3 schedule, for ``Trainer(optimizers=(optimizer, schedule))``.
 
@@ -62,7 +96,8 @@ def get_noam_schedule(
     for group in optimizer.param_groups:
         group["initial_lr"] = 1.0
         group["lr"] = 1.0
-    return LambdaLR(optimizer, NoamLambda(d_model, warmup_steps, scale), last_epoch=last_epoch)
+    multiplier = NoamLambda(d_model, warmup_steps, scale, cooldown_steps, total_steps)
+    return LambdaLR(optimizer, multiplier, last_epoch=last_epoch)
 
 
 def paper_adam(params: Iterable[torch.nn.Parameter] | Iterable[dict], lr: float = 1.0) -> torch.optim.Adam:

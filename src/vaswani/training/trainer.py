@@ -37,6 +37,8 @@ class VaswaniTrainer(Seq2SeqTrainer):
         max_tokens: token budget of one training batch on one process (paper: ~25,000 per side in total).
         warmup_steps: warm-up of the learning-rate schedule (paper: 4,000).
         lr_scale: factor on the schedule (paper: 1.0).
+        cooldown_steps: decay the rate linearly towards zero over this many last updates (0: the paper's
+            schedule; needs ``max_steps``).
         label_smoothing: ε_ls (paper: 0.1).
         Other arguments are ``Seq2SeqTrainer``'s.
     """
@@ -47,6 +49,7 @@ class VaswaniTrainer(Seq2SeqTrainer):
         max_tokens: int = 25000,
         warmup_steps: int = 4000,
         lr_scale: float = 1.0,
+        cooldown_steps: int = 0,
         label_smoothing: float = 0.1,
         **kwargs: Any,
     ) -> None:
@@ -61,6 +64,7 @@ class VaswaniTrainer(Seq2SeqTrainer):
         self.max_tokens = max_tokens
         self.warmup_steps = warmup_steps
         self.lr_scale = lr_scale
+        self.cooldown_steps = cooldown_steps
 
     def get_train_dataloader(self) -> DataLoader:
         """Batches of similar-length pairs with at most ``max_tokens`` tokens, shuffled per epoch with the
@@ -97,11 +101,16 @@ class VaswaniTrainer(Seq2SeqTrainer):
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
-        """lrate = scale · d_model^-0.5 · min(step^-0.5, step · warmup^-1.5) (§5.3)."""
+        """lrate = scale · d_model^-0.5 · min(step^-0.5, step · warmup^-1.5) (§5.3), with the optional
+        cool-down over the last ``cooldown_steps`` of the ``num_training_steps`` updates."""
         if self.lr_scheduler is None:
-            d_model = self.model.config.d_model
             self.lr_scheduler = get_noam_schedule(
-                optimizer or self.optimizer, d_model, warmup_steps=self.warmup_steps, scale=self.lr_scale
+                optimizer or self.optimizer,
+                self.model.config.d_model,
+                warmup_steps=self.warmup_steps,
+                scale=self.lr_scale,
+                cooldown_steps=self.cooldown_steps,
+                total_steps=num_training_steps if self.cooldown_steps else None,
             )
         return self.lr_scheduler
 
