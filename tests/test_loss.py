@@ -128,3 +128,34 @@ def test_model_loss_with_label_smoothing_is_this_loss(training):
     torch.testing.assert_close(out.loss, label_smoothed_cross_entropy(out.logits, labels, 0.1))
     with pytest.raises(ValueError, match="label_smoothing"):
         model(input_ids=ids, attention_mask=mask, labels=labels, label_smoothing=1.5)
+    skipped = model(input_ids=ids, attention_mask=mask, labels=labels, label_smoothing=0.1, skip_logits=True)
+    assert skipped.logits is None
+    torch.testing.assert_close(skipped.loss, out.loss)
+
+
+def test_trainer_asks_for_logits_only_when_it_returns_outputs(tmp_path):
+    """A training step (compute_loss without return_outputs) passes skip_logits=True and ε; evaluation
+    (return_outputs=True) gets the logits."""
+    from conftest import padded_batch, tiny_model
+    from transformers import Seq2SeqTrainingArguments
+
+    from vaswani.training.trainer import VaswaniTrainer
+
+    model = tiny_model(dropout=0.0)
+    seen = []
+    forward = model.forward
+
+    def recording_forward(*args, **kwargs):
+        seen.append((kwargs.get("skip_logits"), kwargs.get("label_smoothing")))
+        return forward(*args, **kwargs)
+
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = VaswaniTrainer(model=model, args=args, label_smoothing=0.1)
+    model.forward = recording_forward
+    ids, mask = padded_batch(lengths=(5, 3))
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([[7, 8, 3], [9, 3, -100]])}
+    loss = trainer.compute_loss(model, inputs)
+    loss_again, outputs = trainer.compute_loss(model, inputs, return_outputs=True)
+    assert seen == [(True, 0.1), (False, 0.1)]
+    assert outputs.logits is not None
+    torch.testing.assert_close(loss, loss_again)

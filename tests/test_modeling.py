@@ -289,6 +289,8 @@ def test_training_skips_padding_with_the_same_loss_and_gradients(monkeypatch, no
     assert torch.allclose(packed.logits[real], padded.logits[real], atol=1e-5)
     source = mask.bool()
     assert torch.allclose(packed.encoder_last_hidden_state[source], padded.encoder_last_hidden_state[source], atol=1e-5)
+    # every other position is zero, also those computed only to round the packed row count up
+    assert not packed.logits[~real].any() and not packed.encoder_last_hidden_state[~source].any()
     for name, grad in padded_grads.items():
         assert torch.allclose(packed_grads[name], grad, atol=1e-6), name
 

@@ -233,19 +233,51 @@ class Packing:
         self.shape = tuple(keep.shape)
         keep = keep.flatten()
         index = keep.nonzero().squeeze(-1)
+        self.padding = keep.logical_not().nonzero().squeeze(-1)
         extra = -index.numel() % self.rows_multiple
         if extra:
-            index = torch.cat([index, keep.logical_not().nonzero().squeeze(-1)[:extra]])
+            index = torch.cat([index, self.padding[:extra]])
         self.index = index
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """``[batch, len, ...]`` → ``[tokens, ...]``."""
-        return x.flatten(0, 1).index_select(0, self.index)
+        return _PackRows.apply(x.flatten(0, 1), self)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """``[tokens, ...]`` → ``[batch, len, ...]`` with zeros at the padding positions."""
-        padded = x.new_zeros(self.shape[0] * self.shape[1], *x.shape[1:]).index_copy(0, self.index, x)
-        return padded.view(*self.shape, *x.shape[1:])
+        return _UnpackRows.apply(x, self).view(*self.shape, *x.shape[1:])
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """``[tokens, ...]`` → ``[batch · len, ...]`` without autograd: each row to its position, and zeros
+        written only at the padding positions (not first over the whole tensor)."""
+        padded = x.new_empty(self.shape[0] * self.shape[1], *x.shape[1:])
+        return padded.index_copy_(0, self.index, x).index_fill_(0, self.padding, 0)
+
+
+class _PackRows(torch.autograd.Function):
+    """Rows ``packing.index`` of ``[positions, ...]``; the gradient goes back with :meth:`Packing.scatter`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+        ctx.packing = packing
+        return x.index_select(0, packing.index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return ctx.packing.scatter(grad), None
+
+
+class _UnpackRows(torch.autograd.Function):
+    """:meth:`Packing.scatter` with autograd: the gradient is the rows ``packing.index`` of the output's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+        ctx.packing = packing
+        return packing.scatter(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.index_select(0, ctx.packing.index), None
 
 
 #: Packing is used when at least this share of the positions is padding (below it there is little to save).
@@ -860,11 +892,14 @@ class VaswaniForConditionalGeneration(
         use_cache: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         label_smoothing: float = 0.0,
+        skip_logits: bool = False,
         **kwargs,
     ) -> Seq2SeqLMOutput:
         """With ``labels``: the loss, label-smoothed by ``label_smoothing`` (§5.4). In training only the
         positions up to each row's last label are computed (see :class:`Packing`), and the output layer and
-        loss run on the labelled positions alone; ``logits`` are zeros at the others."""
+        loss run on the labelled positions alone; ``logits`` are zeros at the others. ``skip_logits=True`` (the
+        name liger-kernel models use) returns ``logits=None`` instead of laying them out as ``[batch, len,
+        vocab]``: a training step reads only the loss, and accelerate's mixed precision would copy them to fp32."""
         if labels is not None:
             use_cache = False
             if decoder_input_ids is None and decoder_inputs_embeds is None:
@@ -888,10 +923,11 @@ class VaswaniForConditionalGeneration(
         if packing is None:
             logits = self.lm_head(hidden_states)
             loss = None if labels is None else token_cross_entropy(logits, labels, num_items_in_batch, label_smoothing)
+            logits = None if skip_logits else logits
         else:
             labelled_logits = self.lm_head(packing.pack(hidden_states))
             loss = token_cross_entropy(labelled_logits, packing.pack(labels), num_items_in_batch, label_smoothing)
-            logits = packing.unpack(labelled_logits)
+            logits = None if skip_logits else packing.unpack(labelled_logits)
         return Seq2SeqLMOutput(
             loss=loss,
             logits=logits,

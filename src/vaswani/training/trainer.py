@@ -54,10 +54,12 @@ class VaswaniTrainer(Seq2SeqTrainer):
         **kwargs: Any,
     ) -> None:
         model = kwargs.get("model", args[0] if args else None)
-        smooths_itself = model is not None and "label_smoothing" in inspect.signature(model.forward).parameters
+        accepted = inspect.signature(model.forward).parameters if model is not None else {}
+        smooths_itself = "label_smoothing" in accepted
         if label_smoothing and not smooths_itself:
             kwargs.setdefault("compute_loss_func", make_compute_loss_func(label_smoothing))
         self.label_smoothing = label_smoothing if smooths_itself else 0.0
+        self.model_skips_logits = "skip_logits" in accepted
         self.nonfinite = StopOnNonFiniteLoss()
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.nonfinite]
         super().__init__(*args, **kwargs)
@@ -81,12 +83,18 @@ class VaswaniTrainer(Seq2SeqTrainer):
         )
         return self.accelerator.prepare(loader)
 
-    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
+    def compute_loss(
+        self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
+    ):
         """The model's own loss with ``label_smoothing``: given the labels, a Vaswani model computes only the
-        positions the loss reads (see ``modeling.Packing``)."""
-        if self.label_smoothing and "labels" in inputs and self.compute_loss_func is None:
-            inputs = {**inputs, "label_smoothing": self.label_smoothing}
-        return super().compute_loss(model, inputs, *args, **kwargs)
+        positions the loss reads (see ``modeling.Packing``), and it leaves out the logits when only the loss is
+        wanted (a training step)."""
+        if "labels" in inputs and self.compute_loss_func is None:
+            if self.label_smoothing:
+                inputs = {**inputs, "label_smoothing": self.label_smoothing}
+            if self.model_skips_logits:
+                inputs = {**inputs, "skip_logits": not return_outputs}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
