@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 import vaswani  # noqa: F401  (registers the Auto classes)
-from vaswani import VaswaniConfig, VaswaniForConditionalGeneration, VaswaniModel
+from vaswani import VaswaniConfig, VaswaniForConditionalGeneration, VaswaniModel, modeling
 from vaswani.configuration import PRESETS
 from vaswani.modeling import sinusoidal_positional_encoding
 
@@ -407,3 +407,31 @@ def test_checkpoint_missing_or_corrupt_weights(tmp_path, model):
     weights.unlink()
     with pytest.raises(OSError, match="(?i)model.safetensors|no file named"):
         VaswaniForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_joint_qkv_projection_in_training_equals_separate_projections():
+    """In training, Q, K and V (and the encoder-decoder K, V) are one matrix multiply; with a hook on a
+    projection (as adapters and inspection tools add) they run apart and the hook sees every call. Loss and
+    gradients agree."""
+    ids, mask = padded_batch(lengths=(9, 6, 3, 9))
+    labels = torch.tensor([[7, 8, 9, 3, -100], [9, 3, -100, -100, -100], [3, -100, -100, -100, -100], [5, 6, 7, 8, 3]])
+    model = tiny_model(dropout=0.0).train()
+    results, calls = [], []
+    for hooked in (False, True):
+        handles = []
+        if hooked:
+            for module in model.modules():
+                if isinstance(module, modeling.MultiHeadAttention):
+                    handles.append(module.k_proj.register_forward_hook(lambda *args: calls.append(1)))
+        model.zero_grad()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        for handle in handles:
+            handle.remove()
+    layers = model.config.encoder_layers + 2 * model.config.decoder_layers
+    assert len(calls) == layers
+    (joint_loss, joint_grads), (separate_loss, separate_grads) = results
+    torch.testing.assert_close(joint_loss, separate_loss)
+    for name, grad in separate_grads.items():
+        torch.testing.assert_close(joint_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
