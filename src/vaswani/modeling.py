@@ -1050,12 +1050,16 @@ class SmoothedCrossEntropy(torch.autograd.Function):
         weight = (grad_total.float() * kept).unsqueeze(-1)
         on_label = logits.new_full((1, 1), -(1.0 - epsilon), dtype=torch.float32)
         grad = torch.empty_like(logits)
+        in_place = logits.dtype == torch.float32  # else p is an fp32 block (type promotion), cast on the way out
         for rows in SmoothedCrossEntropy._blocks(logits.shape[0]):
-            p = torch.sub(logits[rows], log_normalizer[rows].unsqueeze(-1)).exp_()  # fp32 (type promotion)
+            p = torch.sub(logits[rows], log_normalizer[rows].unsqueeze(-1), out=grad[rows] if in_place else None)
+            p.exp_()
             if epsilon:
                 p.sub_(epsilon / vocab)
             p.scatter_add_(1, labels[rows], on_label.expand(p.shape[0], 1))
-            grad[rows] = p.mul_(weight[rows])
+            p.mul_(weight[rows])
+            if not in_place:
+                grad[rows] = p
         return grad, None, None, None
 
     @staticmethod
