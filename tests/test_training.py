@@ -319,8 +319,25 @@ def test_bf16_mixed_precision_on_cpu(corpus_dir, tmp_path):
 def test_demo_runs_end_to_end(tmp_path, capsys):
     from vaswani.training.demo import print_demo, run_demo
 
-    result = run_demo(tmp_path / "demo", minutes=2, max_steps=3, train_pairs=200, test_pairs=10, progress=False)
+    result = run_demo(
+        tmp_path / "demo", minutes=2, max_steps=3, train_pairs=200, validation_pairs=8, test_pairs=10, progress=False
+    )
     assert result.steps == 3 and result.test_sentences == 10 and 0.0 <= result.exact_match <= 1.0
     assert (result.model_dir / "training_curves.png").exists() and (tmp_path / "demo" / "data" / "test.de").exists()
+    assert set(result.validation_exact_match) == {1, 4, 8} and result.num_beams in (1, 4, 8)
+    assert result.validation_exact_match[result.num_beams] == max(result.validation_exact_match.values())
     print_demo(result)
-    assert "exact match on 10 held-out numbers" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "exact match on 10 held-out numbers" in out and "beam size chosen on the validation numbers" in out
+
+
+def test_choose_num_beams_takes_the_best_and_the_smaller_on_ties(monkeypatch):
+    from vaswani.training import demo
+
+    pairs = [("one", "eins"), ("two", "zwei")]
+    outputs = {1: ["eins", "x"], 4: ["eins", "zwei"], 8: ["eins", "zwei"]}
+    monkeypatch.setattr(demo, "translate_lines", lambda model_dir, sources, num_beams: outputs[num_beams])
+    assert demo.choose_num_beams(Path("unused"), pairs) == (4, {1: 0.5, 4: 1.0, 8: 1.0})
+    outputs[8] = ["x", "x"]
+    outputs[4] = ["x", "zwei"]
+    assert demo.choose_num_beams(Path("unused"), pairs) == (1, {1: 0.5, 4: 0.5, 8: 0.0})
