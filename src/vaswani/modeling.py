@@ -1091,9 +1091,12 @@ def token_cross_entropy(
         )
     flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device)
     if is_torchdynamo_compiling() or flat_logits.device.type != "cpu":
-        smoothing = label_smoothing
         total = F.cross_entropy(
-            flat_logits.float(), flat_labels, reduction="sum", ignore_index=ignore_index, label_smoothing=smoothing
+            flat_logits.float(),
+            flat_labels,
+            reduction="sum",
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
         )
     else:
         total = SmoothedCrossEntropy.apply(flat_logits, flat_labels, label_smoothing, ignore_index)

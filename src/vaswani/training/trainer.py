@@ -118,7 +118,7 @@ class VaswaniTrainer(Seq2SeqTrainer):
                 warmup_steps=self.warmup_steps,
                 scale=self.lr_scale,
                 cooldown_steps=self.cooldown_steps,
-                total_steps=num_training_steps if self.cooldown_steps else None,
+                total_steps=num_training_steps,
             )
         return self.lr_scheduler
 
