@@ -36,7 +36,12 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=1000)
     parser.add_argument("--lr-scale", type=float, default=2.0)
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after N updates (--minutes caps)")
-    parser.add_argument("--cooldown-steps", type=int, default=0, help="linear decay to zero over the last N updates")
+    parser.add_argument(
+        "--cooldown-steps",
+        type=int,
+        default=0,
+        help="linear decay to zero over the last N updates (of --max-steps, else of those that fit in --minutes)",
+    )
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--average-last", type=int, default=5)
     parser.add_argument("--save-steps", type=int, default=400)

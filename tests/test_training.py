@@ -15,8 +15,8 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, TrainerControl, T
 
 from vaswani.training.numbers import make_number_corpus, write_parallel_corpus
 from vaswani.training.run import TrainSettings, train
-from vaswani.training.schedule import noam_lr
-from vaswani.training.trainer import StopOnNonFiniteLoss, last_complete_checkpoint
+from vaswani.training.schedule import get_noam_schedule, noam_lr, paper_adam
+from vaswani.training.trainer import StopOnNonFiniteLoss, TimeBudget, last_complete_checkpoint
 
 TINY = {
     "d_model": 32,
@@ -87,6 +87,51 @@ def test_train_produces_a_loadable_model_folder(corpus_dir, tmp_path):
     assert torch.allclose(final[key], (a[key] + b[key]) / 2, atol=1e-6)
     log = json.loads((out / "vaswani_run.json").read_text())
     assert log["result"]["steps"] == 6
+
+
+def _run_on_a_fake_clock(monkeypatch, seconds_per_update, budget_minutes=1.0, cooldown=20, max_steps=10**6):
+    """Drive a TimeBudget(fit_cooldown=True) and a cool-down schedule through updates that take
+    ``seconds_per_update(step)`` each (after 5 s of start-up); the rates used and the step the run stopped at."""
+    clock = [0.0]
+    monkeypatch.setattr("vaswani.training.trainer.time.monotonic", lambda: clock[0])
+    optimizer = paper_adam([torch.nn.Parameter(torch.zeros(2))])
+    schedule = get_noam_schedule(optimizer, 64, 10, cooldown_steps=cooldown, total_steps=max_steps)
+    budget = TimeBudget(budget_minutes, fit_cooldown=True)
+    state, control = TrainerState(max_steps=max_steps), TrainerControl()
+    budget.on_train_begin(None, state, control)
+    clock[0] += 5.0
+    rates = []
+    while not control.should_training_stop:
+        rates.append(schedule.get_last_lr()[0])  # the rate of this update
+        optimizer.step()
+        schedule.step()
+        state.global_step += 1
+        clock[0] += seconds_per_update(state.global_step)
+        budget.on_step_end(None, state, control, lr_scheduler=schedule)
+    return rates, state.global_step, clock[0]
+
+
+def test_time_budget_places_the_cooldown_at_the_end_of_the_budget(monkeypatch):
+    rates, steps, seconds = _run_on_a_fake_clock(monkeypatch, lambda step: 0.5)
+    assert 105 <= steps <= 111 and seconds <= 60  # (60 - 5) s / 0.5 s, less the first update's estimate
+    factors = [rate / noam_lr(k, 64, 10) for k, rate in enumerate(rates, start=1)]
+    assert factors[: steps - 20] == pytest.approx([1.0] * (steps - 20))  # the paper's rate until the cool-down
+    assert factors[steps - 20 :] == pytest.approx([(20 - i) / 20 for i in range(20)])  # then a line to 1/20
+
+
+def test_time_budget_cooldown_follows_a_machine_that_slows_down(monkeypatch):
+    # twice as slow from update 40 on: about 40 + (60 - 5 - 20) / 1.0 = 75 updates fit, not 110
+    rates, steps, seconds = _run_on_a_fake_clock(monkeypatch, lambda step: 0.5 if step < 40 else 1.0)
+    assert seconds <= 61 and 60 <= steps <= 76
+    factors = [rate / noam_lr(k, 64, 10) for k, rate in enumerate(rates, start=1)]
+    assert factors[-1] < 0.25  # the last updates ran at a small fraction of the rate
+    assert factors[:40] == pytest.approx([1.0] * 40)
+
+
+def test_time_budget_cooldown_ends_with_a_shorter_step_total(monkeypatch):
+    rates, steps, _ = _run_on_a_fake_clock(monkeypatch, lambda step: 0.5, max_steps=50)
+    assert steps == 50
+    assert rates[-1] == pytest.approx(noam_lr(50, 64, 10) / 20)
 
 
 def test_cooldown_steps_end_the_run_at_a_small_learning_rate(corpus_dir, tmp_path):

@@ -154,7 +154,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-steps", type=int, default=4000, help="learning-rate warm-up (paper: 4,000)")
     p.add_argument("--lr-scale", type=float, default=1.0, help="factor on the paper's learning-rate schedule")
     p.add_argument("--cooldown-steps", type=int, default=0,
-                   help="decay the learning rate linearly to zero over the last N updates (0: the paper's schedule)")
+                   help="decay the learning rate linearly to zero over the last N updates (0: the paper's schedule); "
+                   "with --max-minutes and no --max-steps, the last N updates that fit in the time")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="ε_ls (paper: 0.1)")
     p.add_argument("--eval-steps", type=int, default=500, help="validate every N updates (0: never)")
     p.add_argument("--eval-beams", type=int, default=4, help="beam size of validation BLEU (paper: 4)")

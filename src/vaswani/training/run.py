@@ -211,7 +211,9 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
 
     torch.manual_seed(settings.seed)
     model = VaswaniForConditionalGeneration(config)
-    callbacks = [*callbacks] + ([TimeBudget(settings.max_minutes)] if settings.max_minutes else [])
+    if settings.max_minutes:  # with a cool-down and no step total, the cool-down ends the time budget
+        fit_cooldown = bool(settings.cooldown_steps) and settings.max_steps <= 0
+        callbacks = [*callbacks, TimeBudget(settings.max_minutes, fit_cooldown=fit_cooldown)]
     trainer = VaswaniTrainer(
         model=model,
         args=training_arguments(settings, valid_set is not None),

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, TrainerCallback
 
 from .batching import token_batch_sampler_for
 from .loss import make_compute_loss_func
-from .schedule import get_noam_schedule, paper_adam
+from .schedule import NoamLambda, get_noam_schedule, paper_adam
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -159,20 +160,54 @@ class StopOnNonFiniteLoss(TrainerCallback):
 
 
 class TimeBudget(TrainerCallback):
-    """Stop training after ``minutes`` of wall time (the demo's "trains in at most N minutes")."""
+    """Stop training after ``minutes`` of wall time (the demo's "trains in at most N minutes").
 
-    def __init__(self, minutes: float) -> None:
+    With ``fit_cooldown`` and a schedule with a cool-down (:class:`~vaswani.training.schedule.NoamLambda`
+    with ``cooldown_steps``), the cool-down is placed at the end of the time budget instead of at a step
+    count given in advance: until it begins, the schedule's ``total_steps`` is set after every update to the
+    updates that fit in the budget at the recent pace; once the rate starts to fall, the total stays fixed
+    and the run stops when it is reached (or when the time is up, whichever comes first). A machine that
+    runs slower or faster than expected then still ends its run at a small learning rate.
+    """
+
+    def __init__(self, minutes: float, fit_cooldown: bool = False) -> None:
         self.seconds = minutes * 60
+        self.fit_cooldown = fit_cooldown
         self.start = time.monotonic()
+        self.recent: deque[tuple[int, float]] = deque()
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: D102
         self.start = time.monotonic()
+        self.recent.clear()
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: D102
-        if time.monotonic() - self.start > self.seconds:
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):  # noqa: D102
+        now = time.monotonic()
+        schedule = getattr(lr_scheduler, "lr_lambdas", [None])[0]
+        if self.fit_cooldown and isinstance(schedule, NoamLambda) and schedule.cooldown_steps:
+            self.place_cooldown(schedule, state.global_step, now, state.max_steps)
+            if state.global_step >= schedule.total_steps:
+                control.should_training_stop = True
+                control.should_save = True
+        if now - self.start > self.seconds:
             control.should_training_stop = True
             control.should_save = True
         return control
+
+    def place_cooldown(self, schedule: NoamLambda, step: int, now: float, max_steps: int) -> None:
+        """Set ``schedule.total_steps`` to the updates that fit in the budget (at most ``max_steps``) at the
+        pace of the last ``cooldown_steps`` updates (start-up excluded), unless the cool-down has begun."""
+        self.recent.append((step, now))
+        if len(self.recent) > schedule.cooldown_steps + 1:
+            self.recent.popleft()
+        if schedule.total_steps - step < schedule.cooldown_steps:  # cooling down: the total stays
+            return
+        first_step, first_time = self.recent[0]
+        if step == first_step:
+            return
+        pace = (step - first_step) / (now - first_time)
+        fits = step + int(pace * max(self.seconds - (now - self.start), 0.0))
+        total = max(fits, step + schedule.cooldown_steps)
+        schedule.total_steps = min(total, max_steps) if max_steps > 0 else total
 
 
 def is_complete_checkpoint(folder: Path) -> bool:
