@@ -97,7 +97,8 @@ def main() -> None:
         "parameters": result.parameters,
         "preset": args.preset,
         "recipe": f"warmup {args.warmup_steps}, lr x{args.lr_scale}, {args.max_tokens} tokens/update, "
-        f"average last {args.average_last} (every {args.save_steps}), beam {args.beams}",
+        f"average last {args.average_last} (every {args.save_steps}), beam {args.beams}"
+        + (f", cool-down {args.cooldown_steps}" if args.cooldown_steps else ""),
         "decode_seconds_beam": round(decode_seconds, 1),
         "machine": machine,
         "precision": "bf16" if args.bf16 else "fp32",
