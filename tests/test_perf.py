@@ -165,3 +165,30 @@ def test_tune_cpu_training_flushes_denormals():
             assert (torch.tensor([1e-39]) * 1.0).item() == 0.0
     finally:
         torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "expected"),
+    [
+        ("processor : 0\nflags : fpu sse avx512f avx512_bf16 amx_tile\n", True),  # x86 with AVX512-BF16
+        ("processor : 0\nflags : fpu sse avx2 avx512f\n", False),  # AVX-512 without bf16: emulated
+        ("processor : 0\nFeatures : fp asimd bf16 i8mm\n", True),  # Arm
+        (None, False),  # no /proc/cpuinfo (macOS, Windows)
+    ],
+)
+def test_has_fast_bf16_reads_the_cpu_flags(cpuinfo, expected, monkeypatch):
+    import builtins
+    import io
+
+    real_open = builtins.open
+
+    def fake_open(path, *args, **kwargs):
+        if path != "/proc/cpuinfo":
+            return real_open(path, *args, **kwargs)
+        if cpuinfo is None:
+            raise FileNotFoundError(path)
+        return io.StringIO(cpuinfo)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert perf.has_fast_bf16() is expected

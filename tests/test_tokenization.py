@@ -157,6 +157,22 @@ def test_train_from_files_is_joint_on_source_and_target(tmp_path: Path) -> None:
     assert type(AutoTokenizer.from_pretrained(tmp_path / "out")) is VaswaniTokenizerFast
 
 
+def test_train_from_the_first_pairs_only(tmp_path: Path) -> None:
+    source = ["hello world"] * 20 + ["zebra quagga"] * 20
+    target = ["Hallo Welt"] * 20 + ["Zebra Quagga"] * 20
+    (tmp_path / "s.txt").write_text("\n".join(source) + "\n", encoding="utf-8")
+    (tmp_path / "t.txt").write_text("\n".join(target) + "\n", encoding="utf-8")
+    sample, report = train_tokenizer_from_corpus(
+        tmp_path / "s.txt", tmp_path / "t.txt", vocab_size=300, max_pairs=20, show_progress=False
+    )
+    alone = train_tokenizer(source[:20] + target[:20], vocab_size=300, show_progress=False)
+    assert report.pairs == 40  # the corpus is read whole; the vocabulary comes from its first 20 pairs
+    assert sample.get_vocab() == alone.get_vocab()
+    assert "Ġworld" in sample.get_vocab() and "Ġquagga" not in sample.get_vocab()
+    with pytest.raises(ValueError, match="max_pairs must be at least 1"):
+        train_tokenizer_from_corpus(tmp_path / "s.txt", tmp_path / "t.txt", vocab_size=300, max_pairs=0)
+
+
 def test_fresh_process_loads_with_trust_remote_code_without_vaswani(folder: Path, tmp_path: Path) -> None:
     code = f"""
 import sys

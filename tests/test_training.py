@@ -111,6 +111,18 @@ def _run_on_a_fake_clock(monkeypatch, seconds_per_update, budget_minutes=1.0, co
     return rates, state.global_step, clock[0]
 
 
+def test_time_budget_counts_from_the_start_of_the_run(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("vaswani.training.trainer.time.monotonic", lambda: clock[0])
+    from_run, from_training = TimeBudget(1.0, started=40.0), TimeBudget(1.0)  # the run began 60 s ago
+    for budget in (from_run, from_training):
+        budget.on_train_begin(None, TrainerState(), TrainerControl())
+    clock[0] += 1.0
+    stops = [budget.on_step_end(None, TrainerState(), TrainerControl()).should_training_stop
+             for budget in (from_run, from_training)]
+    assert stops == [True, False]  # preparation counted: 61 s since the run began, 1 s since training began
+
+
 def test_time_budget_places_the_cooldown_at_the_end_of_the_budget(monkeypatch):
     rates, steps, seconds = _run_on_a_fake_clock(monkeypatch, lambda step: 0.5)
     assert 105 <= steps <= 111 and seconds <= 60  # (60 - 5) s / 0.5 s, less the first update's estimate

@@ -145,12 +145,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="override config fields, e.g. --set dropout=0.3 encoder_layers=4")
     p.add_argument("--tokenizer", type=Path, help="tokenizer folder; default: train one on the corpus")
     p.add_argument("--vocab-size", type=int, default=8000, help="vocabulary of a tokenizer trained on the fly")
+    p.add_argument("--tokenizer-pairs", type=int, help="learn that tokenizer from the first N pairs (default: all)")
     p.add_argument("--max-length", type=int, default=256, help="drop pairs with a side over this many tokens")
     p.add_argument("--max-tokens", type=int, default=4096, help="tokens per batch per process (paper: 25,000)")
     p.add_argument("--update-tokens", type=int, help="tokens per update: accumulate batches up to this")
     p.add_argument("--epochs", type=float, default=10.0)
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many updates (overrides --epochs)")
-    p.add_argument("--max-minutes", type=float, help="stop after this much wall time (a checkpoint is saved)")
+    p.add_argument("--max-minutes", type=float,
+                   help="stop after this much wall time since the run started, tokenizer and data preparation "
+                   "included (a checkpoint is saved)")
     p.add_argument("--warmup-steps", type=int, default=4000, help="learning-rate warm-up (paper: 4,000)")
     p.add_argument("--lr-scale", type=float, default=1.0, help="factor on the paper's learning-rate schedule")
     p.add_argument("--cooldown-steps", type=int, default=0,
@@ -200,7 +203,8 @@ def _run_train(args: argparse.Namespace) -> None:
     settings = TrainSettings(
         output_dir=args.output, train_corpus=_corpus_kwargs(args), valid_corpus=valid, preset=args.preset,
         config_file=args.config, config_overrides=_parse_overrides(args.set), tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size, max_length=args.max_length, max_tokens=args.max_tokens,
+        vocab_size=args.vocab_size, tokenizer_pairs=args.tokenizer_pairs, max_length=args.max_length,
+        max_tokens=args.max_tokens,
         update_tokens=args.update_tokens, epochs=args.epochs, max_steps=args.max_steps,
         max_minutes=args.max_minutes, warmup_steps=args.warmup_steps, lr_scale=args.lr_scale,
         cooldown_steps=args.cooldown_steps, label_smoothing=args.label_smoothing, eval_steps=args.eval_steps,
@@ -221,8 +225,9 @@ def _run_train(args: argparse.Namespace) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train on built-in English→German number words, translate, show results")
     p.add_argument("--output", type=Path, default=Path("outputs/demo"), help="where data, model and plot go")
-    p.add_argument("--minutes", type=float, default=3.0, help="training time limit (default 3)")
-    p.add_argument("--max-steps", type=int, default=2400, help="training updates (default 2400)")
+    p.add_argument("--minutes", type=float, default=3.0,
+                   help="time limit of training, tokenizer and data preparation included (default 3)")
+    p.add_argument("--max-steps", type=int, default=2500, help="training updates (default 2500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_run_demo)

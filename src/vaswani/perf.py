@@ -11,6 +11,10 @@ for reuse: faster, but the resident size stays at its high-water mark.
 small model trained with dropout produce them, and every matrix multiply that reads one drops to a slow
 path: fp32 training of the multi30k preset ran 1.9x faster with them flushed (2-core CPU, torch 2.13).
 :func:`tune_cpu_training` applies both; ``vaswani train`` and ``vaswani demo`` call it when training on a CPU.
+
+:func:`has_fast_bf16` tells whether bf16 autocast runs on bf16 hardware (a GPU that supports it, or a CPU
+with AVX512-BF16 / AMX or Arm's BF16 instructions) rather than being emulated; the demo trains in bf16 only
+then.
 """
 
 from __future__ import annotations
@@ -61,6 +65,19 @@ def flush_denormals() -> bool:
     """Flush denormal floats to zero on the CPU from now on (``torch.set_flush_denormal(True)``; x86 with
     SSE3 and ARM). Returns False where the CPU does not support it, in which case nothing changes."""
     return bool(torch.set_flush_denormal(True))
+
+
+def has_fast_bf16() -> bool:
+    """Whether bf16 matrix products run natively: on the CUDA GPU if there is one, else on this CPU (the
+    ``avx512_bf16`` / ``amx_bf16`` or Arm ``bf16`` flag in Linux's ``/proc/cpuinfo``; False elsewhere)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            flags = {flag for line in cpuinfo if line.startswith(("flags", "Features")) for flag in line.split()}
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def tune_cpu_training() -> dict[str, bool]:

@@ -455,17 +455,24 @@ def train_tokenizer_from_corpus(
     dataset: Any = None,
     vocab_size: int = 37000,
     min_frequency: int = 2,
+    max_pairs: int | None = None,
     output_dir: str | os.PathLike[str] | None = None,
     show_progress: bool = True,
     **load_kwargs: Any,
 ):
     """Train the shared BPE tokenizer jointly on the source and target sides of a corpus (§5.1).
 
-    The corpus is given as for :func:`load_parallel_corpus`. Returns ``(tokenizer, load_report)``.
+    The corpus is given as for :func:`load_parallel_corpus`; ``max_pairs`` learns the vocabulary from the
+    first that many pairs only (as sentencepiece's ``input_sentence_size``: a sample is enough for a large
+    corpus, and BPE training time grows with the distinct words). Returns ``(tokenizer, load_report)``.
     """
     from ..tokenization import train_tokenizer
 
+    if max_pairs is not None and max_pairs < 1:
+        raise ValueError(f"max_pairs must be at least 1 (or None for all pairs), got {max_pairs}")
     pairs, report = load_parallel_corpus(source, target, dataset=dataset, **load_kwargs)
+    if max_pairs is not None and max_pairs < len(pairs):
+        pairs = pairs.select(range(max_pairs))
     table = pairs.with_format("arrow")
     texts = table["source"].to_pylist() + table["target"].to_pylist()
     tokenizer = train_tokenizer(

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+from ..perf import has_fast_bf16
 from .numbers import make_number_corpus, write_parallel_corpus
 from .run import TrainSettings, train
 
@@ -70,16 +71,16 @@ def choose_num_beams(
 def run_demo(
     output_dir: Path = Path("outputs/demo"),
     minutes: float = 3.0,
-    max_steps: int = 2400,
-    train_pairs: int = 50000,
+    max_steps: int = 2500,
+    train_pairs: int = 200000,  # fresh numbers rather than repeated epochs: 95%+ on every seed tried (README)
     validation_pairs: int = 500,
     test_pairs: int = 1000,
     seed: int = 0,
     progress: bool = True,
 ) -> DemoResult:
-    """Generate the corpus, train for ``max_steps`` updates (about 3 minutes on an idle 2-core CPU) but at
-    most ``minutes``, choose the beam size on the validation numbers, translate the held-out test numbers
-    with it, report."""
+    """Generate the corpus, train for ``max_steps`` updates (under 3 minutes on an idle 2-core CPU with AMX)
+    but at most ``minutes`` from the start of training (tokenizer and tokenization included), choose the
+    beam size on the validation numbers, translate the held-out test numbers with it, report."""
     corpus = make_number_corpus(train_pairs, validation_pairs, test_pairs, seed=seed)
     data_dir = output_dir / "data"
     write_parallel_corpus(corpus, data_dir)
@@ -91,16 +92,18 @@ def run_demo(
         preset="tiny",
         config_overrides={"dropout": 0.2},  # measured best of 0, 0.1, 0.2, 0.3 (README)
         vocab_size=600,
+        tokenizer_pairs=50000,  # the number words' few dozen words: more pairs only add time (20 s for 200,000)
         max_tokens=1200,
         max_steps=max_steps,
         max_minutes=minutes,
         warmup_steps=300,
-        lr_scale=1.0,
+        lr_scale=0.8,  # 1.0 scored 92.6-97.8% on seed 0, 0.8 98.8%; 1.5 diverged (README)
         label_smoothing=0.1,
         save_steps=200,  # the last 5 checkpoints (800 updates) are averaged into the final model (§6.1)
         save_total_limit=5,
         average_last=5,
         logging_steps=100,
+        bf16=has_fast_bf16(),  # 11% more updates in the time on a CPU with AMX
         seed=seed,
         overwrite=True,
         report_to="none",

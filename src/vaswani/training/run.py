@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ class TrainSettings:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     tokenizer: Path | None = None
     vocab_size: int = 8000
+    tokenizer_pairs: int | None = None
     max_length: int = 256
     max_tokens: int = 4096
     update_tokens: int | None = None
@@ -123,7 +125,10 @@ def get_tokenizer(settings: TrainSettings) -> Any:
         tokenizer = load_tokenizer(settings.tokenizer)
     else:
         tokenizer, _ = train_tokenizer_from_corpus(
-            **settings.train_corpus, vocab_size=settings.vocab_size, show_progress=settings.progress
+            **settings.train_corpus,
+            vocab_size=settings.vocab_size,
+            max_pairs=settings.tokenizer_pairs,
+            show_progress=settings.progress,
         )
     tokenizer.save_pretrained(settings.output_dir)
     return tokenizer
@@ -190,6 +195,7 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
 
     ``callbacks`` are extra ``TrainerCallback`` s. Returns None on processes other than the main one. On a CPU
     the process gets :func:`vaswani.perf.tune_cpu_training` (allocator settings, denormals flushed to zero)."""
+    started = time.monotonic()  # the time budget (``max_minutes``) counts from here
     state = PartialState()
     if state.device.type == "cpu":
         tune_cpu_training()
@@ -213,7 +219,7 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
     model = VaswaniForConditionalGeneration(config)
     if settings.max_minutes:  # with a cool-down and no step total, the cool-down ends the time budget
         fit_cooldown = bool(settings.cooldown_steps) and settings.max_steps <= 0
-        callbacks = [*callbacks, TimeBudget(settings.max_minutes, fit_cooldown=fit_cooldown)]
+        callbacks = [*callbacks, TimeBudget(settings.max_minutes, fit_cooldown, started)]
     trainer = VaswaniTrainer(
         model=model,
         args=training_arguments(settings, valid_set is not None),

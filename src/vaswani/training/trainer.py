@@ -160,7 +160,9 @@ class StopOnNonFiniteLoss(TrainerCallback):
 
 
 class TimeBudget(TrainerCallback):
-    """Stop training after ``minutes`` of wall time (the demo's "trains in at most N minutes").
+    """Stop training after ``minutes`` of wall time (the demo's "trains in at most N minutes"), counted from
+    ``started`` (a ``time.monotonic()`` value: :func:`~vaswani.training.run.train` passes the start of the run,
+    so that building the tokenizer and tokenizing the corpus count too) or else from the start of training.
 
     With ``fit_cooldown`` and a schedule with a cool-down (:class:`~vaswani.training.schedule.NoamLambda`
     with ``cooldown_steps``), the cool-down is placed at the end of the time budget instead of at a step
@@ -170,14 +172,15 @@ class TimeBudget(TrainerCallback):
     runs slower or faster than expected then still ends its run at a small learning rate.
     """
 
-    def __init__(self, minutes: float, fit_cooldown: bool = False) -> None:
+    def __init__(self, minutes: float, fit_cooldown: bool = False, started: float | None = None) -> None:
         self.seconds = minutes * 60
         self.fit_cooldown = fit_cooldown
-        self.start = time.monotonic()
+        self.started = started
+        self.start = time.monotonic() if started is None else started
         self.recent: deque[tuple[int, float]] = deque()
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: D102
-        self.start = time.monotonic()
+        self.start = time.monotonic() if self.started is None else self.started
         self.recent.clear()
 
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):  # noqa: D102
