@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--preset", default="multi30k", help="model preset (multi30k, multi30k-tiny, small, ...)")
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--warmup-steps", type=int, default=1000)
-    parser.add_argument("--lr-scale", type=float, default=2.0)
+    parser.add_argument("--lr-scale", type=float, default=1.5)
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after N updates (--minutes caps)")
     parser.add_argument(
         "--cooldown-steps",
