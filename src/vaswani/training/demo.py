@@ -92,7 +92,7 @@ def run_demo(
         preset="tiny",
         config_overrides={"dropout": 0.2},  # measured best of 0, 0.1, 0.2, 0.3 (README)
         vocab_size=600,
-        tokenizer_pairs=50000,  # the number words' few dozen words: more pairs only add time (20 s for 200,000)
+        tokenizer_pairs=50000,  # the number words' few dozen words: 3.9 s, against 16.9 s from all 200,000 pairs
         max_tokens=1200,
         max_steps=max_steps,
         max_minutes=minutes,
@@ -103,7 +103,7 @@ def run_demo(
         save_total_limit=5,
         average_last=5,
         logging_steps=100,
-        bf16=has_fast_bf16(),  # 11% more updates in the time on a CPU with AMX
+        bf16=has_fast_bf16(),  # on AMX: 16.2 instead of 13.1-13.3 updates/s (README)
         seed=seed,
         overwrite=True,
         report_to="none",
