@@ -258,10 +258,16 @@ def test_gradient_checkpointing_same_gradients():
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
 
 
-@pytest.mark.parametrize("normalize_before", [False, True])
-def test_training_skips_padding_with_the_same_loss_and_gradients(monkeypatch, normalize_before):
+@pytest.mark.parametrize(
+    "normalize_before, attn_implementation, hooked",
+    [(False, "sdpa", False), (True, "sdpa", False), (False, "eager", False), (False, "sdpa", True)],
+)
+def test_training_skips_padding_with_the_same_loss_and_gradients(
+    monkeypatch, normalize_before, attn_implementation, hooked
+):
     """In training the position-wise pieces run on the real tokens only (modeling.Packing); the loss, the
-    gradients and the outputs at real positions equal those of the padded computation."""
+    gradients and the outputs at real positions equal those of the padded computation. ``hooked``: a hook
+    on every projection makes Q, K and V separate products, each unpacked into the head layout alone."""
     import vaswani.modeling as modeling
 
     ids, mask = padded_batch(lengths=(9, 6, 3, 9))
@@ -276,7 +282,14 @@ def test_training_skips_padding_with_the_same_loss_and_gradients(monkeypatch, no
     results = []
     for packed in (True, False):
         monkeypatch.setattr(modeling, "Packing", recording_packing if packed else lambda keep: None)
-        model = tiny_model(dropout=0.0, normalize_before=normalize_before).train()
+        model = tiny_model(
+            dropout=0.0, normalize_before=normalize_before, attn_implementation=attn_implementation
+        ).train()
+        if hooked:
+            for module in model.modules():
+                if isinstance(module, modeling.MultiHeadAttention):
+                    for linear in (module.q_proj, module.k_proj, module.v_proj):
+                        linear.register_forward_hook(lambda module, args, output: output)
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -175,7 +175,7 @@ def scaled_dot_product_attention(
         scores = scores + attention_mask
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = apply_dropout(weights, dropout, module.training)
-    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    output = torch.matmul(weights, value).transpose(1, 2)
     return output, weights
 
 
@@ -197,6 +197,15 @@ def _explicit_attention_is_faster(query: torch.Tensor, key: torch.Tensor) -> boo
         and key.shape[-2] <= EXPLICIT_ATTENTION_MAX_KEYS
         and not is_torchdynamo_compiling()
     )
+
+
+def _swap_batch_and_heads(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``[batch, heads, ...]`` ↔ ``[heads, batch, ...]`` for 4-d tensors (a 2-d mask broadcasts either way)."""
+    return x.transpose(0, 1) if x is not None and x.dim() == 4 else x
+
+
+def _unchanged(x: torch.Tensor | None) -> torch.Tensor | None:
+    return x
 
 
 def _additive_mask(
@@ -247,24 +256,35 @@ class Packing:
         """``[tokens, ...]`` → ``[batch, len, ...]`` with zeros at the padding positions."""
         return _UnpackRows.apply(x, self).view(*self.shape, *x.shape[1:])
 
-    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+    def unpack_heads(self, x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
+        """``[tokens, parts · heads · d_k]`` (projections side by side) → ``parts`` tensors ``[batch, heads,
+        len, d_k]``, stored heads outermost (``[heads, batch, len, d_k]``) so that attention's batched matrix
+        products read them in place: one copy instead of an unpacking and a copy per part into the head
+        layout."""
+        return _UnpackHeads.apply(x, self, parts, heads)
+
+    def scatter(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``[tokens, ...]`` → ``[batch · len, ...]`` without autograd: each row to its position, and zeros
-        written only at the padding positions (not first over the whole tensor)."""
-        padded = x.new_empty(self.shape[0] * self.shape[1], *x.shape[1:])
-        return padded.index_copy_(0, self.index, x).index_fill_(0, self.padding, 0)
+        written only at the padding positions (not first over the whole tensor). ``out`` (in any memory
+        layout) receives the result; by default a new contiguous tensor."""
+        if out is None:
+            out = x.new_empty(self.shape[0] * self.shape[1], *x.shape[1:])
+        return out.index_copy_(0, self.index, x).index_fill_(0, self.padding, 0)
 
 
 class _PackRows(torch.autograd.Function):
-    """Rows ``packing.index`` of ``[positions, ...]``; the gradient goes back with :meth:`Packing.scatter`."""
+    """Rows ``packing.index`` of ``[positions, ...]``; the gradient goes back with :meth:`Packing.scatter`,
+    laid out in memory as the input was (attention's outputs are stored heads outermost)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, packing: Packing) -> torch.Tensor:
-        ctx.packing = packing
+        ctx.packing, ctx.layout = packing, (x.shape, x.stride())
         return x.index_select(0, packing.index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return ctx.packing.scatter(grad), None
+        out = grad.new_empty_strided(*ctx.layout)
+        return ctx.packing.scatter(grad, out), None
 
 
 class _UnpackRows(torch.autograd.Function):
@@ -278,6 +298,29 @@ class _UnpackRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad.index_select(0, ctx.packing.index), None
+
+
+class _UnpackHeads(torch.autograd.Function):
+    """:meth:`Packing.unpack_heads`: the packed rows scattered into ``[parts, heads, batch · len, d_k]``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, packing: Packing, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
+        ctx.packing = packing
+        batch, length = packing.shape
+        padded = x.new_empty(parts, heads, batch * length, x.shape[-1] // (parts * heads))
+        packing.scatter(x.view(x.shape[0], parts, heads, -1), out=padded.permute(2, 0, 1, 3))
+        return tuple(part.view(heads, batch, length, -1).transpose(0, 1) for part in padded)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor, None, None, None]:
+        index, given = ctx.packing.index, [grad for grad in grads if grad is not None]
+        batch, heads, length, head_dim = given[0].shape
+        new = given[0].new_empty if len(given) == len(grads) else given[0].new_zeros
+        packed = new(index.numel(), len(grads), heads, head_dim)
+        for part, grad in enumerate(grads):
+            if grad is not None:  # [batch, heads, len, d_k] → rows [batch · len, heads, d_k]
+                torch.index_select(grad.transpose(1, 2).flatten(0, 1), 0, index, out=packed[:, part])
+        return packed.flatten(1), None, None, None
 
 
 #: Packing is used when at least this share of the positions is padding (below it there is little to save).
@@ -349,11 +392,12 @@ class MultiHeadAttention(nn.Module):
         if self.training and len(linears) > 1 and all(_is_plain_linear(linear) for linear in linears):
             weight = torch.cat([linear.weight for linear in linears])
             bias = torch.cat([linear.bias for linear in linears])
-            joint = F.linear(x, weight, bias)
-            parts = (joint if packing is None else packing.unpack(joint)).chunk(len(linears), dim=-1)
+            projected = [(F.linear(x, weight, bias), len(linears))]
         else:
-            parts = [linear(x) if packing is None else packing.unpack(linear(x)) for linear in linears]
-        return [self.split_heads(part) for part in parts]
+            projected = [(linear(x), 1) for linear in linears]
+        if packing is not None:
+            return [head for y, parts in projected for head in packing.unpack_heads(y, parts, self.num_heads)]
+        return [self.split_heads(part) for y, parts in projected for part in y.chunk(parts, dim=-1)]
 
     def keys_and_values(
         self, source: torch.Tensor, cache: EncoderDecoderCache | None, packing: Packing | None = None
@@ -411,20 +455,25 @@ class MultiHeadAttention(nn.Module):
             lengths = (query.shape[-2], key.shape[-2])
             attention_mask = _additive_mask(attention_mask, self.is_causal, *lengths, query.device)
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, scaled_dot_product_attention)
+        # Packed heads are stored heads outermost (Packing.unpack_heads). Eq. 1 treats both leading dimensions
+        # alike, so the written-out function runs on [heads, batch, ...] and its products read them in place.
+        heads_outermost = packing is not None and attention is scaled_dot_product_attention
+        swap = _swap_batch_and_heads if heads_outermost else _unchanged
         heads, weights = attention(
             self,
-            query,
-            key,
-            value,
-            attention_mask,
+            swap(query),
+            swap(key),
+            swap(value),
+            swap(attention_mask),
             dropout=self.dropout if self.training else 0.0,
             scaling=self.scaling,
             **kwargs,
         )
-        concatenated = heads.flatten(-2)  # [batch, q_len, heads, d_k] -> [batch, q_len, d_model]
+        if heads_outermost:  # [heads, q_len, batch, d_k] -> [batch, q_len, heads, d_k]
+            heads, weights = heads.transpose(0, 2), swap(weights)
         if packing is not None:
-            concatenated = packing.pack(concatenated)
-        return self.out_proj(concatenated), weights
+            heads = packing.pack(heads)
+        return self.out_proj(heads.flatten(-2)), weights  # concatenate the heads: [..., heads · d_k]
 
 
 # ----------------------------------------------------------------------------------------------------------
