@@ -1120,12 +1120,14 @@ class SmoothedCrossEntropy(torch.autograd.Function):
         return -(1.0 - epsilon) * log_p.gather(1, labels).squeeze(1) - epsilon * log_p.mean(1)
 
     @staticmethod
-    def _gradient(p: torch.Tensor, labels: torch.Tensor, epsilon: float, weight: torch.Tensor) -> torch.Tensor:
-        """(p - q)·weight in place: the gradient of a block's loss (weighted per row) by its logits."""
+    def _gradient(
+        p: torch.Tensor, labels: torch.Tensor, epsilon: float, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(p - q)·weight in place: the gradient of a block's loss (weighted per row, if given) by its logits."""
         if epsilon:
             p.sub_(epsilon / p.shape[-1])
         p.scatter_add_(1, labels, p.new_full((1, 1), -(1.0 - epsilon)).expand(p.shape[0], 1))
-        return p.mul_(weight)
+        return p if weight is None else p.mul_(weight)
 
 
 class OutputLayerCrossEntropy(torch.autograd.Function):
@@ -1150,7 +1152,6 @@ class OutputLayerCrossEntropy(torch.autograd.Function):
     ) -> torch.Tensor:
         kept = labels != ignore_index
         labels = labels.masked_fill(~kept, 0).unsqueeze(-1)
-        weight_per_row = kept.unsqueeze(-1).float()
         grad = torch.mm(hidden, weight.t()) if bias is None else torch.addmm(bias, hidden, weight.t())  # logits
         token_loss = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         in_place = grad.dtype == torch.float32  # else p is an fp32 block, cast on the way out
@@ -1159,9 +1160,10 @@ class OutputLayerCrossEntropy(torch.autograd.Function):
             log_p = torch.log_softmax(logits.float(), dim=-1)
             token_loss[rows] = SmoothedCrossEntropy._token_loss(log_p, labels[rows], epsilon)
             p = torch.exp(log_p, out=logits) if in_place else log_p.exp_()
-            SmoothedCrossEntropy._gradient(p, labels[rows], epsilon, weight_per_row[rows])
+            SmoothedCrossEntropy._gradient(p, labels[rows], epsilon)
             if not in_place:
                 logits.copy_(p)
+        grad.index_fill_(0, kept.logical_not().nonzero().squeeze(-1), 0)  # ignored labels: no gradient
         ctx.save_for_backward(hidden, weight, grad)
         ctx.has_bias = bias is not None
         return (token_loss * kept).sum()
