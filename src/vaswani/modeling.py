@@ -344,9 +344,9 @@ def packing_for(keep: torch.Tensor | None, training: bool, kwargs: dict) -> Pack
 
 
 def _is_plain_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` itself (not a subclass such as a LoRA or quantized layer) with a bias and no hooks."""
+    """An ``nn.Linear`` itself (not a subclass such as a LoRA or quantized layer) without hooks."""
     hooks = module._forward_hooks or module._forward_pre_hooks
-    return type(module) is nn.Linear and module.bias is not None and not hooks
+    return type(module) is nn.Linear and not hooks
 
 
 class MultiHeadAttention(nn.Module):
@@ -389,7 +389,8 @@ class MultiHeadAttention(nn.Module):
         when ``packing`` is given. In training, plain ``nn.Linear`` s (no hooks, no adapters) run as one matrix
         multiply with their weights side by side: fewer, larger products and one unpacking. Decoding keeps them
         apart, where copying the weights side by side for a few rows would cost more than it saves."""
-        if self.training and len(linears) > 1 and all(_is_plain_linear(linear) for linear in linears):
+        joinable = all(_is_plain_linear(linear) and linear.bias is not None for linear in linears)
+        if self.training and len(linears) > 1 and joinable:
             weight = torch.cat([linear.weight for linear in linears])
             bias = torch.cat([linear.bias for linear in linears])
             projected = [(F.linear(x, weight, bias), len(linears))]
@@ -1082,8 +1083,7 @@ class SmoothedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, epsilon: float, ignore_index: int) -> torch.Tensor:
-        kept = labels != ignore_index
-        labels = labels.masked_fill(~kept, 0).unsqueeze(-1)
+        kept, labels = SmoothedCrossEntropy._kept_labels(labels, ignore_index)
         log_normalizer = logits.new_empty(logits.shape[0], dtype=torch.float32)
         token_loss = torch.empty_like(log_normalizer)
         for rows in SmoothedCrossEntropy._blocks(logits.shape[0]):
@@ -1113,6 +1113,12 @@ class SmoothedCrossEntropy(torch.autograd.Function):
     def _blocks(n: int) -> list[slice]:
         step = SmoothedCrossEntropy.rows_per_block
         return [slice(start, start + step) for start in range(0, n, step)]
+
+    @staticmethod
+    def _kept_labels(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which labels count, and the labels as ``[tokens, 1]`` indices (ignored ones pointing at class 0)."""
+        kept = labels != ignore_index
+        return kept, labels.masked_fill(~kept, 0).unsqueeze(-1)
 
     @staticmethod
     def _token_loss(log_p: torch.Tensor, labels: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -1150,8 +1156,7 @@ class OutputLayerCrossEntropy(torch.autograd.Function):
         epsilon: float,
         ignore_index: int,
     ) -> torch.Tensor:
-        kept = labels != ignore_index
-        labels = labels.masked_fill(~kept, 0).unsqueeze(-1)
+        kept, labels = SmoothedCrossEntropy._kept_labels(labels, ignore_index)
         grad = torch.mm(hidden, weight.t()) if bias is None else torch.addmm(bias, hidden, weight.t())  # logits
         token_loss = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         in_place = grad.dtype == torch.float32  # else p is an fp32 block, cast on the way out
@@ -1224,8 +1229,7 @@ def output_layer_cross_entropy(
         torch.is_grad_enabled()
         and hidden_states.device.type == "cpu"
         and not is_torchdynamo_compiling()
-        and type(output_layer) is nn.Linear
-        and not (output_layer._forward_hooks or output_layer._forward_pre_hooks)
+        and _is_plain_linear(output_layer)
     )
     if not fused:
         logits = output_layer(hidden_states)

@@ -176,12 +176,16 @@ class TimeBudget(TrainerCallback):
         self.seconds = minutes * 60
         self.fit_cooldown = fit_cooldown
         self.started = started
-        self.start = time.monotonic() if started is None else started
         self.recent: deque[tuple[int, float]] = deque()
+        self.restart()
 
-    def on_train_begin(self, args, state, control, **kwargs):  # noqa: D102
+    def restart(self) -> None:
+        """Start the clock (at ``started`` if given) and forget the recent pace."""
         self.start = time.monotonic() if self.started is None else self.started
         self.recent.clear()
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: D102
+        self.restart()
 
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):  # noqa: D102
         now = time.monotonic()
