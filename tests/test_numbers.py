@@ -1,8 +1,16 @@
+from collections import Counter
+
 import pytest
 
 from vaswani.training.numbers import (
+    ALWAYS_TRAINED,
+    HELD_OUT_DIGITS,
+    TYPED_NUMBERS,
     aligned_pair,
+    balanced_number_splits,
+    digit_count,
     make_number_corpus,
+    number_pairs,
     number_to_english,
     number_to_german,
     write_parallel_corpus,
@@ -97,3 +105,46 @@ def test_write_parallel_corpus(tmp_path):
         en = (tmp_path / "numbers" / f"{split}.en").read_text(encoding="utf-8").splitlines()
         de = (tmp_path / "numbers" / f"{split}.de").read_text(encoding="utf-8").splitlines()
         assert list(zip(en, de)) == pairs
+
+
+def test_typed_numbers_are_the_fixed_list():
+    assert TYPED_NUMBERS[:21] == tuple(range(21)) and TYPED_NUMBERS[-1] == 999_999
+    for n in (30, 90, 100, 500, 1000, 8000, 80_000, 500_000, 900_000):
+        assert n in TYPED_NUMBERS
+    assert 342 not in TYPED_NUMBERS and 21 not in TYPED_NUMBERS and len(TYPED_NUMBERS) == 65
+
+
+def test_digit_count():
+    assert [digit_count(n) for n in (0, 9, 10, 99, 100, 999_999)] == [1, 1, 2, 2, 3, 6]
+
+
+def test_balanced_splits_weigh_every_magnitude_and_stay_disjoint():
+    splits = balanced_number_splits(6000, 40, 82, seed=5)
+    train, valid, test = splits["train"], splits["validation"], splits["test"]
+    assert (len(train), len(valid), len(test)) == (6000, 40, 82)
+    assert ALWAYS_TRAINED <= set(train)
+    assert not set(train) & (set(valid) | set(test)) and not set(valid) & set(test)
+    assert len(set(valid)) == 40 and len(set(test)) == 82
+    # Held out: the digit counts 3-6 equally (the remainder of 82 / 4 goes to the longest numbers).
+    assert Counter(digit_count(n) for n in valid) == dict.fromkeys(HELD_OUT_DIGITS, 10)
+    assert Counter(digit_count(n) for n in test) == {3: 20, 4: 20, 5: 21, 6: 21}
+    # Trained on: each digit count about a sixth of the draws, round thousands far above a uniform draw's 0.1%.
+    counts = Counter(digit_count(n) for n in train)
+    assert all(800 < counts[d] < 1200 for d in range(1, 7)), counts
+    long_draws = [n for n in train if n >= 10_000]
+    assert 0.15 < sum(n % 1000 == 0 for n in long_draws) / len(long_draws) < 0.35
+    assert balanced_number_splits(6000, 40, 82, seed=5) == splits
+    assert balanced_number_splits(6000, 40, 82, seed=6) != splits
+
+
+def test_balanced_splits_refuse_impossible_sizes():
+    with pytest.raises(ValueError, match="at least"):
+        balanced_number_splits(10, 4, 4)
+    with pytest.raises(ValueError, match="held-out 3-digit numbers"):
+        balanced_number_splits(1000, 2000, 2000)
+    with pytest.raises(ValueError, match=">= 0"):
+        balanced_number_splits(1000, -1, 4)
+
+
+def test_number_pairs():
+    assert number_pairs([42, 1001]) == [("forty-two", "zweiundvierzig"), ("one thousand one", "eintausendeins")]

@@ -26,6 +26,22 @@ from pathlib import Path
 
 MAX_VALUE = 999_999
 
+#: Numbers people type, scored by the demo on every run: 0–20, the tens, the round hundreds, the round
+#: thousands (1,000 … 9,000, 10,000 … 90,000, 100,000 … 900,000) and the largest number.
+TYPED_NUMBERS: tuple[int, ...] = tuple(
+    sorted(
+        {*range(21), *range(30, 100, 10), *range(100, 1000, 100), *range(1000, 10_000, 1000)}
+        | {*range(10_000, 100_000, 10_000), *range(100_000, 1_000_000, 100_000), MAX_VALUE}
+    )
+)
+
+#: In the training split of :func:`make_balanced_number_corpus` every time: every number below 101 (so
+#: numbers of one or two digits are never held out) and the typed numbers.
+ALWAYS_TRAINED = frozenset(range(101)) | frozenset(TYPED_NUMBERS)
+
+#: Digit counts of the held-out splits: one- and two-digit numbers are all in :data:`ALWAYS_TRAINED`.
+HELD_OUT_DIGITS = (3, 4, 5, 6)
+
 _EN_BELOW_20 = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
     "sixteen seventeen eighteen nineteen"
@@ -154,9 +170,80 @@ def make_number_corpus(
     corpus: dict[str, list[tuple[str, str]]] = {}
     start = 0
     for split, size in sizes.items():
-        corpus[split] = [(number_to_english(n), number_to_german(n)) for n in numbers[start : start + size]]
+        corpus[split] = number_pairs(numbers[start : start + size])
         start += size
     return corpus
+
+
+def digit_count(n: int) -> int:
+    """Decimal digits of ``n`` (0 has one)."""
+    return len(str(n))
+
+
+def _with_digits(digits: int) -> range:
+    return range(0 if digits == 1 else 10 ** (digits - 1), 10**digits)
+
+
+def _draw_training_number(rng: random.Random, digits: int, round_share: float, excluded: set[int]) -> int:
+    """A number of ``digits`` digits, uniform or (``round_share`` of the time, four digits or more) whole
+    thousands, that is not ``excluded``; redrawn within the digit count so each count keeps its weight."""
+    numbers = _with_digits(digits)
+    while True:
+        n = rng.randrange(numbers.start, numbers.stop)
+        if digits >= 4 and rng.random() < round_share:
+            n -= n % 1000
+        if n not in excluded:
+            return n
+
+
+def balanced_number_splits(
+    n_train: int, n_valid: int, n_test: int, seed: int = 0, round_share: float = 0.25
+) -> dict[str, list[int]]:
+    """Numbers of the splits ``train``/``validation``/``test`` in which every magnitude has real weight.
+
+    A uniform draw from 0 … 999,999 is a six-digit number nine times in ten and below 1,000 once in a
+    thousand, so a model trained and tested on it learns, and is scored on, six-digit numbers only.
+    Here ``validation`` and ``test`` hold distinct numbers of 3–6 digits, as many of each digit count
+    (remainders to the longer ones), drawn uniformly within the digit count and never from
+    :data:`ALWAYS_TRAINED`. ``train`` holds :data:`ALWAYS_TRAINED` once each and ``n_train`` minus that many
+    draws in which each digit count 1–6 is equally likely and the number uniform within it; ``round_share`` of
+    the draws with four or more digits are rounded down to whole thousands ("eighty thousand"), a form a
+    uniform draw almost never makes. Training draws repeat (there are only 900 three-digit numbers) but never
+    hit a held-out number. The result depends only on the arguments.
+    """
+    if min(n_train, n_valid, n_test) < 0:
+        raise ValueError(f"split sizes must be >= 0, got train {n_train}, validation {n_valid}, test {n_test}")
+    if n_train < len(ALWAYS_TRAINED):
+        raise ValueError(f"n_train must be at least {len(ALWAYS_TRAINED)} (the numbers always trained), got {n_train}")
+    if not 0 <= round_share <= 1:
+        raise ValueError(f"round_share must be in [0, 1], got {round_share}")
+    rng = random.Random(seed)
+    held_out: dict[str, list[int]] = {"validation": [], "test": []}
+    for position, digits in enumerate(HELD_OUT_DIGITS):
+        candidates = [n for n in _with_digits(digits) if n not in ALWAYS_TRAINED]
+        quota = {
+            split: size // len(HELD_OUT_DIGITS) + (position >= len(HELD_OUT_DIGITS) - size % len(HELD_OUT_DIGITS))
+            for split, size in (("validation", n_valid), ("test", n_test))
+        }
+        if sum(quota.values()) > len(candidates):
+            raise ValueError(f"{sum(quota.values())} held-out {digits}-digit numbers requested, only "
+                             f"{len(candidates)} exist; request fewer validation/test numbers")
+        drawn = rng.sample(candidates, sum(quota.values()))
+        held_out["validation"] += drawn[: quota["validation"]]
+        held_out["test"] += drawn[quota["validation"] :]
+    excluded = set(held_out["validation"]) | set(held_out["test"])
+    train = sorted(ALWAYS_TRAINED)
+    while len(train) < n_train:
+        train.append(_draw_training_number(rng, rng.randint(1, 6), round_share, excluded))
+    rng.shuffle(train)
+    for split in held_out.values():
+        rng.shuffle(split)
+    return {"train": train, **held_out}
+
+
+def number_pairs(numbers: list[int]) -> list[tuple[str, str]]:
+    """(English, German) pairs of ``numbers``."""
+    return [(number_to_english(n), number_to_german(n)) for n in numbers]
 
 
 def write_parallel_corpus(
