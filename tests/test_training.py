@@ -383,6 +383,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert (result.model_dir / "training_curves.png").exists() and (tmp_path / "demo" / "data" / "test.de").exists()
     assert set(result.validation_exact_match) == {1, 4, 8} and result.num_beams in (1, 4, 8)
     assert result.validation_exact_match[result.num_beams] == max(result.validation_exact_match.values())
+    assert set(result.test_by_digits) == {3, 4, 5, 6} and 0.0 <= result.typed_exact_match <= 1.0
+    assert [source for source, _, _ in result.examples[:2]] == ["forty-two", "three hundred forty-two"]
     print_demo(result)
     out = capsys.readouterr().out
     assert "exact match on 10 held-out numbers" in out and "beam size chosen on the validation numbers" in out

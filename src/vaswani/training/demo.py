@@ -25,6 +25,9 @@ from .run import TrainSettings, train
 #: task greedy decoding or beam 8 is often better (README).
 DEMO_BEAMS = (1, 4, 8)
 
+#: The numbers the README's guide and tour translate and draw: the demo prints their translations every run.
+GUIDE_NUMBERS = (42, 342, 80_000, 342_567)
+
 
 @dataclass
 class DemoResult:
@@ -33,7 +36,7 @@ class DemoResult:
     test_sentences: int
     train_minutes: float
     steps: int
-    examples: list[tuple[str, str, str]]  # (English, model output, reference), typed numbers first
+    examples: list[tuple[str, str, str]]  # (English, model output, reference): guide, typed, test numbers
     num_beams: int
     validation_exact_match: dict[int, float]
     test_by_digits: dict[int, float]  # exact match on the test numbers of each digit count
@@ -130,24 +133,23 @@ def run_demo(
     result = train(settings)
     train_minutes = (time.monotonic() - start) / 60
     num_beams, validation_scores = choose_num_beams(settings.output_dir, corpus["validation"])
-    typed = number_pairs(list(TYPED_NUMBERS))
-    sources = [en for en, _ in corpus["test"] + typed]
-    references = [de for _, de in corpus["test"] + typed]
+    pairs = corpus["test"] + number_pairs(list(TYPED_NUMBERS)) + number_pairs(list(GUIDE_NUMBERS))
+    sources, references = [en for en, _ in pairs], [de for _, de in pairs]
     hypotheses = translate_lines(settings.output_dir, sources, num_beams=num_beams)
-    tested = len(corpus["test"])
-    test_rows = list(zip(sources[:tested], hypotheses[:tested], references[:tested]))
-    typed_rows = list(zip(sources[tested:], hypotheses[tested:], references[tested:]))
+    rows = list(zip(sources, hypotheses, references))
+    tested, typed_end = len(corpus["test"]), len(corpus["test"]) + len(TYPED_NUMBERS)
+    test_rows, typed_rows, guide_rows = rows[:tested], rows[tested:typed_end], rows[typed_end:]
     return DemoResult(
         model_dir=settings.output_dir,
-        exact_match=exact_match(hypotheses[:tested], references[:tested]),
+        exact_match=exact_match([h for _, h, _ in test_rows], [r for _, _, r in test_rows]),
         test_sentences=tested,
         train_minutes=train_minutes,
         steps=result.steps,
-        examples=typed_rows[::9] + test_rows[:4],
+        examples=guide_rows + typed_rows[::16] + test_rows[:3],
         num_beams=num_beams,
         validation_exact_match=validation_scores,
         test_by_digits=exact_match_by_digits(numbers["test"], hypotheses[:tested], references[:tested]),
-        typed_exact_match=exact_match(hypotheses[tested:], references[tested:]),
+        typed_exact_match=exact_match([h for _, h, _ in typed_rows], [r for _, _, r in typed_rows]),
         typed_misses=[row for row in typed_rows if row[1] != row[2]],
     )
 
