@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import MULTI30K, fixture_lines, needs_multi30k
 from tokenizers import Tokenizer, models
 from transformers import AutoTokenizer
 
@@ -22,8 +23,6 @@ from vaswani.tokenization import (
 from vaswani.training.data import read_lines, train_tokenizer_from_corpus
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-DATA = Path(__file__).resolve().parents[2] / "shared/data/multi30k"
-needs_data = pytest.mark.skipif(not (DATA / "train.en.gz").is_file(), reason="Multi30k not found")
 
 TRICKY = [
     "Two young, White males are outside near many bushes.",
@@ -38,20 +37,14 @@ TRICKY = [
 ]
 
 
-def _corpus_lines(n: int) -> list[str]:
-    if (DATA / "train.en.gz").is_file():
-        en = list(read_lines(DATA / "train.en.gz"))[:n]
-        de = list(read_lines(DATA / "train.de.gz"))[:n]
-        return en + de
-    return [line for _ in range(50) for line in TRICKY]
+VOCAB_SIZE = 500  # fewer merges than the test sentences allow, so the vocabulary is full
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tok")
-    train_tokenizer(
-        _corpus_lines(3000), vocab_size=2000, min_frequency=2, show_progress=False, output_dir=out
-    )
+    corpus = fixture_lines("en") + fixture_lines("de") + TRICKY
+    train_tokenizer(corpus, vocab_size=VOCAB_SIZE, min_frequency=2, show_progress=False, output_dir=out)
     return out
 
 
@@ -66,8 +59,7 @@ def test_auto_tokenizer_returns_the_class_and_fixed_special_ids(
     assert type(tok) is VaswaniTokenizerFast
     assert (tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2, 3)
     assert [tok.convert_ids_to_tokens(i) for i in range(4)] == ["<pad>", "<unk>", "<s>", "</s>"]
-    assert len(tok) == len(tok.get_vocab()) == (2000 if (DATA / "train.en.gz").is_file() else len(tok))
-    assert len(tok) <= 2000
+    assert len(tok) == len(tok.get_vocab()) == VOCAB_SIZE
     config = json.loads((folder / "tokenizer_config.json").read_text())
     assert config["auto_map"]["AutoTokenizer"][1] == "tokenization.VaswaniTokenizerFast"
     assert (folder / "tokenization.py").is_file()
@@ -97,10 +89,19 @@ def test_padded_batch_decodes_to_the_text(tok: VaswaniTokenizerFast) -> None:
     assert tok.batch_decode(batch["input_ids"], skip_special_tokens=True) == TRICKY
 
 
-@needs_data
+@pytest.mark.parametrize("lang", ["en", "de"])
+def test_round_trip_on_all_test_sentences(tok: VaswaniTokenizerFast, lang: str) -> None:
+    lines = fixture_lines(lang)
+    ids = tok(lines)["input_ids"]
+    assert tok.batch_decode(ids, skip_special_tokens=True) == lines
+    assert all(tok.unk_token_id not in row for row in ids)
+    assert sum(map(len, ids)) < sum(map(len, lines)) / 3  # merges learnt: well under one token per 3 bytes
+
+
+@needs_multi30k
 @pytest.mark.parametrize("lang", ["en", "de"])
 def test_round_trip_on_all_multi30k_train_lines(tok: VaswaniTokenizerFast, lang: str) -> None:
-    lines = list(read_lines(DATA / f"train.{lang}.gz"))
+    lines = list(read_lines(MULTI30K / f"train.{lang}.gz"))
     assert len(lines) == 29000
     decoded = tok.batch_decode(tok(lines)["input_ids"], skip_special_tokens=True)
     differ = [(a, b) for a, b in zip(lines, decoded) if a != b]
