@@ -14,7 +14,6 @@ VaswaniConfig.register_for_auto_class()
 VaswaniModel.register_for_auto_class("AutoModel")
 VaswaniForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 AutoTokenizer.register(VaswaniConfig, tokenizer_class=VaswaniTokenizerFast, exist_ok=True)
-VaswaniTokenizerFast.register_for_auto_class("AutoTokenizer")
 register_pipelines()  # translation and text2text-generation, removed in transformers 5.24
 
 __all__ = [
