@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import sacrebleu
+from multi30k_data import add_data_argument, require_files
 
 from vaswani.translate import load_translation_model, translate
 
@@ -33,7 +34,6 @@ def bleu(hypotheses: list[str], references: list[str]) -> float:
     return sacrebleu.corpus_bleu(hypotheses, [references]).score
 
 
-MULTI30K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "multi30k"
 
 HF_DEFAULTS = {"num_beams": 1, "max_length": 20, "length_penalty_type": "hf", "early_stopping": False}
 PAPER = {"num_beams": 4, "length_penalty_type": "gnmt", "length_penalty": 0.6, "max_len_a": 1.0, "max_len_b": 50,
@@ -59,13 +59,17 @@ SETTINGS = [
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="trained model folder")
-    parser.add_argument("--source", default=str(MULTI30K / "test_2016_flickr.en.gz"))
-    parser.add_argument("--reference", default=str(MULTI30K / "test_2016_flickr.de.gz"))
+    add_data_argument(parser)
+    parser.add_argument("--source", help="source sentences (default: test_2016_flickr.en.gz in --data)")
+    parser.add_argument("--reference", help="reference translations (default: test_2016_flickr.de.gz in --data)")
     parser.add_argument("--limit", type=int, help="first N sentences only")
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (BLEU does not depend on it beyond rounding)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
+    args.source = args.source or str(args.data / "test_2016_flickr.en.gz")
+    args.reference = args.reference or str(args.data / "test_2016_flickr.de.gz")
+    require_files(parser, args.source, args.reference)
     sources, references = list(read_lines(args.source)), list(read_lines(args.reference))
     if args.limit:
         sources, references = sources[: args.limit], references[: args.limit]

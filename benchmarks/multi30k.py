@@ -14,20 +14,17 @@ import time
 from pathlib import Path
 
 import torch
+from multi30k_data import add_data_argument, require_files
 
 from vaswani.training.data import read_lines
 from vaswani.training.demo import translate_lines
 from vaswani.training.metrics import bleu
 from vaswani.training.run import TrainSettings, train
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--data", type=Path, default=DATA, help="folder with {train,val,test_2016_flickr}.{en,de,fr}.gz"
-    )
+    add_data_argument(parser)
     parser.add_argument("--target", choices=["de", "fr"], default="de")
     parser.add_argument("--minutes", type=float, default=60.0, help="training time budget")
     parser.add_argument("--output", type=Path, default=None)
@@ -52,6 +49,8 @@ def main() -> None:
 
     def files(split: str) -> dict[str, Path]:
         return {"source": args.data / f"{split}.en.gz", "target": args.data / f"{split}.{args.target}.gz"}
+
+    require_files(parser, *(path for split in ("train", "test_2016_flickr") for path in files(split).values()))
 
     settings = TrainSettings(
         output_dir=output,

@@ -1,7 +1,7 @@
 """Tokenizer and batching figures on Multi30k (train): training time, tokens per sentence, tokenizing time,
 round-trip exactness and padding waste of token batching vs random batching.
 
-    python benchmarks/tokenizer_bench.py [--data ../shared/data/multi30k] [--vocab-size 8000]
+    python benchmarks/tokenizer_bench.py [--data MULTI30K_FOLDER] [--vocab-size 8000]
 """
 
 from __future__ import annotations
@@ -10,18 +10,16 @@ import argparse
 import os
 import statistics
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
+from multi30k_data import add_data_argument, require_files  # noqa: E402
 
 from vaswani.tokenization import train_tokenizer  # noqa: E402
 from vaswani.training.batching import TokenBatchSampler, batch_padding, random_token_batches  # noqa: E402
 from vaswani.training.data import load_parallel_corpus, sequence_lengths, tokenize_corpus  # noqa: E402
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/multi30k"
 
 
 def _timed(fn, repeats: int):
@@ -35,13 +33,14 @@ def _timed(fn, repeats: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    add_data_argument(parser)
     parser.add_argument("--src", default="en")
     parser.add_argument("--tgt", default="de")
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--repeats", type=int, default=3, help="timings are the median of this many runs")
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[1024, 4096, 25000])
     args = parser.parse_args()
+    require_files(parser, args.data / f"train.{args.src}.gz", args.data / f"train.{args.tgt}.gz")
     datasets.disable_progress_bars()
 
     load_time, (pairs, report) = _timed(

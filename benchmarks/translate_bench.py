@@ -29,6 +29,7 @@ from pathlib import Path
 
 import sacrebleu
 import torch
+from multi30k_data import add_data_argument, require_files
 
 from vaswani.convert import vaswani_to_marian
 from vaswani.translate import load_translation_model, token_batches, translate
@@ -44,7 +45,6 @@ def bleu(hypotheses: list[str], references: list[str]) -> float:
     return sacrebleu.corpus_bleu(hypotheses, [references]).score
 
 
-MULTI30K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "multi30k"
 #: The decoding every system uses (transformers' and CTranslate2's length penalty is score / |Y|^α).
 BEAM, ALPHA, MAX_LEN_A, MAX_LEN_B = 4, 0.6, 1.0, 50
 
@@ -121,8 +121,9 @@ def _ct2_translate(translator, tokenizer, sentences: list[str], max_tokens: int)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="trained Vaswani model folder (concatenated sinusoids)")
-    parser.add_argument("--source", default=str(MULTI30K / "test_2016_flickr.en.gz"))
-    parser.add_argument("--reference", default=str(MULTI30K / "test_2016_flickr.de.gz"))
+    add_data_argument(parser)
+    parser.add_argument("--source", help="source sentences (default: test_2016_flickr.en.gz in --data)")
+    parser.add_argument("--reference", help="reference translations (default: test_2016_flickr.de.gz in --data)")
     parser.add_argument("--limit", type=int, help="first N sentences only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=512, help="source tokens per batch")
@@ -130,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", default="", help="comma-separated system names to leave out")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
+    args.source = args.source or str(args.data / "test_2016_flickr.en.gz")
+    args.reference = args.reference or str(args.data / "test_2016_flickr.de.gz")
+    require_files(parser, args.source, args.reference)
     torch.set_num_threads(args.threads)
     sources, references = list(read_lines(args.source)), list(read_lines(args.reference))
     if args.limit:

@@ -8,7 +8,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MULTI30K = REPO_ROOT.parent / "shared" / "data" / "multi30k"
+#: 300 short English-German pairs written for the tests (line i of pairs.de translates line i of pairs.en).
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+#: Multi30k (task 1, raw) for the optional quality tests: the folder in $VASWANI_MULTI30K, else next to the repo.
+MULTI30K = Path(os.environ.get("VASWANI_MULTI30K", REPO_ROOT.parent / "shared" / "data" / "multi30k"))
+needs_multi30k = pytest.mark.skipif(
+    not (MULTI30K / "train.en.gz").is_file(),
+    reason=f"Multi30k not found in {MULTI30K}: put train.en.gz, train.de.gz etc. of github.com/multi30k/dataset "
+    "(data/task1/raw) there, or point VASWANI_MULTI30K at such a folder",
+)
+
+
+def fixture_lines(lang: str) -> list[str]:
+    """The ``lang`` side ("en" or "de") of the test sentence pairs."""
+    return (FIXTURES / f"pairs.{lang}").read_text(encoding="utf-8").splitlines()
 
 
 def tiny_config(**overrides):

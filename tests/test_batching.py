@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from accelerate.data_loader import BatchSamplerShard
+from conftest import MULTI30K, needs_multi30k
 
 from vaswani.training.batching import (
     Seq2SeqCollator,
@@ -21,8 +22,6 @@ from vaswani.training.batching import (
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-DATA = Path(__file__).resolve().parents[2] / "shared/data/multi30k"
-needs_data = pytest.mark.skipif(not (DATA / "train.en.gz").is_file(), reason="Multi30k not found")
 
 
 def _lengths(n: int = 3000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -180,12 +179,12 @@ def test_dataloader_and_collator() -> None:
     assert collated["input_ids"].tolist() == [[5, 3, 0, 0, 0, 0, 0, 0], [5, 6, 7, 3, 0, 0, 0, 0]]
 
 
-@needs_data
+@needs_multi30k
 def test_padding_waste_far_below_random_on_multi30k() -> None:
     from vaswani.tokenization import train_tokenizer
     from vaswani.training.data import load_parallel_corpus, sequence_lengths, tokenize_corpus
 
-    pairs, _ = load_parallel_corpus(DATA / "train.en.gz", DATA / "train.de.gz")
+    pairs, _ = load_parallel_corpus(MULTI30K / "train.en.gz", MULTI30K / "train.de.gz")
     sample = pairs.select(range(0, 29000, 3))
     tok = train_tokenizer(sample["source"][:2000] + sample["target"][:2000], 2000, show_progress=False)
     tokenized, _ = tokenize_corpus(sample, tok, max_length=None)

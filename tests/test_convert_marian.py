@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
+from conftest import fixture_lines
 from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration, MarianConfig, MarianMTModel
-from translation_helpers import multi30k_lines
 
 from vaswani.cli import main
 from vaswani.translate import load_translation_model, translate
@@ -21,10 +21,10 @@ def _marian_tokenizer(folder):
 
     from transformers import MarianTokenizer
 
-    texts = multi30k_lines("train.en.gz", 300) + multi30k_lines("train.de.gz", 300)
+    texts = fixture_lines("en") + fixture_lines("de")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=300, character_coverage=1.0,
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=120, character_coverage=1.0,
         unk_id=1, bos_id=-1, eos_id=0, pad_id=-1, minloglevel=2,
     )
     for name in ("source.spm", "target.spm"):

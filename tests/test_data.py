@@ -9,6 +9,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from conftest import FIXTURES, MULTI30K, fixture_lines, needs_multi30k
 
 from vaswani.tokenization import VaswaniTokenizerFast, train_tokenizer
 from vaswani.training.data import (
@@ -22,8 +23,6 @@ from vaswani.training.data import (
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 datasets.disable_progress_bars()
-DATA = Path(__file__).resolve().parents[2] / "shared/data/multi30k"
-needs_data = pytest.mark.skipif(not (DATA / "train.en.gz").is_file(), reason="Multi30k not found")
 
 EN = ["A dog runs.", "Two men talk.", "", "A girl sings a very long song about the sea and the sky.", "Cats."]
 DE = ["Ein Hund rennt.", "Zwei Männer reden.", "Leer.", "Ein Mädchen singt ein sehr langes Lied.", "Katzen."]
@@ -176,9 +175,17 @@ def test_corpus_statistics_values() -> None:
     assert "pairs: 2" in stats.table()
 
 
-@needs_data
-def test_multi30k_train_loads_aligned(tok: VaswaniTokenizerFast) -> None:
-    pairs, report = load_parallel_corpus(DATA / "train.en.gz", DATA / "train.de.gz")
+def test_test_sentence_pairs_load_aligned() -> None:
+    pairs, report = load_parallel_corpus(FIXTURES / "pairs.en", FIXTURES / "pairs.de")
+    assert report.pairs == report.lines == 300 and report.empty_pairs_dropped == 0
+    assert pairs["source"] == fixture_lines("en") and pairs["target"] == fixture_lines("de")
+    assert pairs[0] == {"source": "A brown dog is waiting on a wooden bridge.",
+                        "target": "Ein brauner Hund wartet auf einer Holzbrücke."}
+
+
+@needs_multi30k
+def test_multi30k_train_loads_aligned() -> None:
+    pairs, report = load_parallel_corpus(MULTI30K / "train.en.gz", MULTI30K / "train.de.gz")
     assert report.pairs == 29000 and report.lines == 29000 and report.empty_pairs_dropped == 0
     assert pairs[0]["target"] == "Zwei junge weiße Männer sind im Freien in der Nähe vieler Büsche."
     assert pairs[28999]["source"].strip() and pairs[28999]["target"].strip()

@@ -13,7 +13,7 @@ from translation_helpers import make_model_folder, run_without_package
 
 from vaswani.hub import CardInfo, files_to_upload, model_card
 
-CODE_FILES = {"configuration.py", "modeling.py", "generation.py", "decoding.py", "pipeline.py", "tokenization.py"}
+CODE_FILES = {"configuration.py", "modeling.py", "generation.py", "decoding.py", "pipeline.py"}  # none for tokenizers
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 
 

@@ -39,6 +39,19 @@ def test_pipelines_with_the_package(folder, expected):
     assert from_folder(INPUTS[2]) == [{"translation_text": expected[2]}]
 
 
+@pytest.mark.parametrize("task", ["translation_en_to_de", "translation_de_to_en", "translation_en_to_fr"])
+def test_language_pair_task_names_resolve_to_translation(folder, expected, task):
+    model, tokenizer = load_translation_model(folder)
+    translator = pipeline(task, model=model, tokenizer=tokenizer)
+    assert translator(INPUTS[0]) == [{"translation_text": expected[0]}]
+
+
+def test_other_unknown_tasks_stay_unknown(folder):
+    model, tokenizer = load_translation_model(folder)
+    with pytest.raises(KeyError, match="Unknown task translation_en"):
+        pipeline("translation_en", model=model, tokenizer=tokenizer)
+
+
 def test_generate_options_per_call_and_at_construction(folder):
     model, tokenizer = load_translation_model(folder)
     translator = pipeline("translation", model=model, tokenizer=tokenizer, num_beams=1, max_len_b=3)

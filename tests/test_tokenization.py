@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import MULTI30K, fixture_lines, needs_multi30k
 from tokenizers import Tokenizer, models
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+import vaswani.tokenization
 from vaswani.tokenization import (
     MIN_VOCAB_SIZE,
     VaswaniTokenizerFast,
@@ -22,8 +25,6 @@ from vaswani.tokenization import (
 from vaswani.training.data import read_lines, train_tokenizer_from_corpus
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-DATA = Path(__file__).resolve().parents[2] / "shared/data/multi30k"
-needs_data = pytest.mark.skipif(not (DATA / "train.en.gz").is_file(), reason="Multi30k not found")
 
 TRICKY = [
     "Two young, White males are outside near many bushes.",
@@ -38,20 +39,14 @@ TRICKY = [
 ]
 
 
-def _corpus_lines(n: int) -> list[str]:
-    if (DATA / "train.en.gz").is_file():
-        en = list(read_lines(DATA / "train.en.gz"))[:n]
-        de = list(read_lines(DATA / "train.de.gz"))[:n]
-        return en + de
-    return [line for _ in range(50) for line in TRICKY]
+VOCAB_SIZE = 500  # fewer merges than the test sentences allow, so the vocabulary is full
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tok")
-    train_tokenizer(
-        _corpus_lines(3000), vocab_size=2000, min_frequency=2, show_progress=False, output_dir=out
-    )
+    corpus = fixture_lines("en") + fixture_lines("de") + TRICKY
+    train_tokenizer(corpus, vocab_size=VOCAB_SIZE, min_frequency=2, show_progress=False, output_dir=out)
     return out
 
 
@@ -60,17 +55,14 @@ def tok(folder: Path) -> VaswaniTokenizerFast:
     return AutoTokenizer.from_pretrained(folder)
 
 
-def test_auto_tokenizer_returns_the_class_and_fixed_special_ids(
-    tok: VaswaniTokenizerFast, folder: Path
-) -> None:
-    assert type(tok) is VaswaniTokenizerFast
+def test_saved_as_a_plain_fast_tokenizer_with_fixed_special_ids(tok: VaswaniTokenizerFast, folder: Path) -> None:
+    assert isinstance(tok, PreTrainedTokenizerFast)
     assert (tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2, 3)
     assert [tok.convert_ids_to_tokens(i) for i in range(4)] == ["<pad>", "<unk>", "<s>", "</s>"]
-    assert len(tok) == len(tok.get_vocab()) == (2000 if (DATA / "train.en.gz").is_file() else len(tok))
-    assert len(tok) <= 2000
+    assert len(tok) == len(tok.get_vocab()) == VOCAB_SIZE
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    assert config["auto_map"]["AutoTokenizer"][1] == "tokenization.VaswaniTokenizerFast"
-    assert (folder / "tokenization.py").is_file()
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and "auto_map" not in config
+    assert sorted(path.name for path in folder.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
 
 
 def test_source_and_target_end_with_eos_without_bos(tok: VaswaniTokenizerFast) -> None:
@@ -97,10 +89,19 @@ def test_padded_batch_decodes_to_the_text(tok: VaswaniTokenizerFast) -> None:
     assert tok.batch_decode(batch["input_ids"], skip_special_tokens=True) == TRICKY
 
 
-@needs_data
+@pytest.mark.parametrize("lang", ["en", "de"])
+def test_round_trip_on_all_test_sentences(tok: VaswaniTokenizerFast, lang: str) -> None:
+    lines = fixture_lines(lang)
+    ids = tok(lines)["input_ids"]
+    assert tok.batch_decode(ids, skip_special_tokens=True) == lines
+    assert all(tok.unk_token_id not in row for row in ids)
+    assert sum(map(len, ids)) < sum(map(len, lines)) / 3  # merges learnt: well under one token per 3 bytes
+
+
+@needs_multi30k
 @pytest.mark.parametrize("lang", ["en", "de"])
 def test_round_trip_on_all_multi30k_train_lines(tok: VaswaniTokenizerFast, lang: str) -> None:
-    lines = list(read_lines(DATA / f"train.{lang}.gz"))
+    lines = list(read_lines(MULTI30K / f"train.{lang}.gz"))
     assert len(lines) == 29000
     decoded = tok.batch_decode(tok(lines)["input_ids"], skip_special_tokens=True)
     differ = [(a, b) for a, b in zip(lines, decoded) if a != b]
@@ -154,7 +155,7 @@ def test_train_from_files_is_joint_on_source_and_target(tmp_path: Path) -> None:
     vocab = tok.get_vocab()
     assert "hello" in vocab and "Ġworld" in vocab
     assert tok.convert_ids_to_tokens(tok("Grüße")["input_ids"][:-1]) == ["GrÃ¼ÃŁe"]  # byte-level form
-    assert type(AutoTokenizer.from_pretrained(tmp_path / "out")) is VaswaniTokenizerFast
+    assert AutoTokenizer.from_pretrained(tmp_path / "out")("Grüße")["input_ids"] == tok("Grüße")["input_ids"]
 
 
 def test_train_from_the_first_pairs_only(tmp_path: Path) -> None:
@@ -173,19 +174,49 @@ def test_train_from_the_first_pairs_only(tmp_path: Path) -> None:
         train_tokenizer_from_corpus(tmp_path / "s.txt", tmp_path / "t.txt", vocab_size=300, max_pairs=0)
 
 
-def test_fresh_process_loads_with_trust_remote_code_without_vaswani(folder: Path, tmp_path: Path) -> None:
+def _encoded_in_a_fresh_process_without_vaswani(folder: Path, tmp_path: Path, remote_code: bool) -> str:
     code = f"""
 import sys
 sys.modules["vaswani"] = None  # the package is not importable here
 from transformers import AutoTokenizer
-tok = AutoTokenizer.from_pretrained({str(folder)!r}, trust_remote_code=True)
-assert type(tok).__module__.startswith("transformers_modules"), type(tok).__module__
-assert type(tok).__name__ == "VaswaniTokenizerFast"
+tok = AutoTokenizer.from_pretrained({str(folder)!r}{", trust_remote_code=True" if remote_code else ""})
+assert type(tok).__module__.startswith({"'transformers_modules'" if remote_code else "'transformers.'"}), type(tok)
 enc = tok(["Zwei Männer 😀."], text_target=["Two men 😀."])
 print(enc["input_ids"][0], enc["labels"][0], tok.batch_decode(enc["labels"], skip_special_tokens=True)[0])
 """
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    here = AutoTokenizer.from_pretrained(folder)(["Zwei Männer 😀."], text_target=["Two men 😀."])
-    assert out.stdout.strip() == f"{here['input_ids'][0]} {here['labels'][0]} Two men 😀."
+    return out.stdout.strip()
+
+
+def _encoded_here(tokenizer: PreTrainedTokenizerFast) -> str:
+    here = tokenizer(["Zwei Männer 😀."], text_target=["Two men 😀."])
+    return f"{here['input_ids'][0]} {here['labels'][0]} Two men 😀."
+
+
+def test_fresh_process_loads_without_vaswani_and_without_remote_code(
+    tok: VaswaniTokenizerFast, folder: Path, tmp_path: Path
+) -> None:
+    assert _encoded_in_a_fresh_process_without_vaswani(folder, tmp_path, remote_code=False) == _encoded_here(tok)
+
+
+@pytest.fixture
+def old_folder(folder: Path, tmp_path: Path) -> Path:
+    """A folder as the package saved it before: class VaswaniTokenizer, loaded by the remote code beside it."""
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    config = json.loads((old / "tokenizer_config.json").read_text())
+    remote_class = {"AutoTokenizer": [None, "tokenization.VaswaniTokenizerFast"]}
+    config.update(tokenizer_class="VaswaniTokenizer", auto_map=remote_class)
+    (old / "tokenizer_config.json").write_text(json.dumps(config))
+    shutil.copy(vaswani.tokenization.__file__, old / "tokenization.py")
+    return old
+
+
+def test_folders_saved_before_still_load(tok: VaswaniTokenizerFast, old_folder: Path, tmp_path: Path) -> None:
+    assert type(load_tokenizer(old_folder)) is VaswaniTokenizerFast
+    assert _encoded_here(load_tokenizer(old_folder)) == _encoded_here(tok)
+    assert _encoded_here(AutoTokenizer.from_pretrained(old_folder)) == _encoded_here(tok)
+    remote = _encoded_in_a_fresh_process_without_vaswani(old_folder, tmp_path, remote_code=True)
+    assert remote == _encoded_here(tok)

@@ -38,6 +38,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple, is_torchdynamo_compiling
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -617,6 +618,19 @@ class VaswaniPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
     _no_split_modules = ["EncoderLayer", "DecoderLayer"]
 
+    def mark_tied_weights_as_initialized(self, loading_info) -> None:
+        """Keep a tied source that the checkpoint lacks (``shared.weight``) missing, so that it is initialised.
+
+        transformers flags every tied copy as initialised; ours are the source's own Parameter (the encoder and
+        decoder hold the ``shared`` module itself), so the flag also lands on the source, and for a model defined
+        outside transformers the loader then drops the source from the missing keys and leaves it on the meta device.
+        """
+        missing_sources = set(self.all_tied_weights_keys.values()) & set(loading_info.missing_keys)
+        super().mark_tied_weights_as_initialized(loading_info)
+        for name in missing_sources:
+            self.get_parameter(name)._is_hf_initialized = False
+        loading_info.missing_keys |= missing_sources
+
     def _init_weights(self, module: nn.Module) -> None:
         """Xavier-uniform projections and N(0, d_model^-0.5) embeddings, as fairseq and tensor2tensor do
         (the paper does not state an initialisation); LayerNorm starts as the identity."""
@@ -858,6 +872,7 @@ class VaswaniModel(VaswaniPreTrainedModel):
             self.decoder.embed_tokens = value
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -946,6 +961,7 @@ class VaswaniForConditionalGeneration(
             init.normal_(module.weight, mean=0.0, std=self.config.d_model**-0.5)
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

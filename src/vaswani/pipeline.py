@@ -10,7 +10,8 @@ How ``pipeline(task, model=folder)`` finds it:
   (``modeling.py`` imports it, so ``save_pretrained`` copies it): ``pipeline("translation", model=folder,
   trust_remote_code=True)`` works where the package is not installed, with or without it;
 * ``import vaswani`` registers it under both task names, so a model object works without remote code:
-  ``pipeline("translation", model=model, tokenizer=tokenizer)``.
+  ``pipeline("translation", model=model, tokenizer=tokenizer)``; transformers 4's language-pair names
+  (``"translation_en_to_de"``) resolve to ``"translation"`` (the languages are the model's).
 
 Output: ``[{"translation_text": ...}]`` per input for ``translation``, ``[{"generated_text": ...}]`` for
 ``text2text-generation`` (transformers 4's formats). An empty or blank input gives an empty output.
@@ -20,10 +21,12 @@ This file imports only torch and transformers (it is copied next to saved models
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
-from transformers import Pipeline
+from transformers import AutoModelForSeq2SeqLM, Pipeline
+from transformers.pipelines import PIPELINE_REGISTRY, REMOVED_TASKS
 
 TRANSLATION_TASKS = ("translation", "text2text-generation")
 #: Written into ``config.custom_pipelines`` of saved models (``module.Class`` as remote code expects it).
@@ -77,3 +80,20 @@ class VaswaniTranslationPipeline(Pipeline):
         if bool(model_outputs["is_blank"].reshape(-1)[0]):
             texts = [""] * len(texts)
         return [{key: text} for text in texts]
+
+
+def language_pair_task(task: str) -> str:
+    """``translation_XX_to_YY`` (transformers 4's task names) → ``translation``; any other task unchanged."""
+    return "translation" if re.fullmatch(r"translation_\w+_to_\w+", task) else task
+
+
+def register_pipelines() -> None:
+    """Serve the tasks transformers 5.24 removed with :class:`VaswaniTranslationPipeline`, under their names and
+    transformers 4's ``translation_XX_to_YY`` names."""
+    for task in TRANSLATION_TASKS:
+        REMOVED_TASKS.pop(task, None)
+        PIPELINE_REGISTRY.register_pipeline(
+            task, pipeline_class=VaswaniTranslationPipeline, pt_model=AutoModelForSeq2SeqLM, type="text"
+        )
+    check_task = PIPELINE_REGISTRY.check_task
+    PIPELINE_REGISTRY.check_task = lambda task: check_task(language_pair_task(task))

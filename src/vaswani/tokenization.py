@@ -17,13 +17,16 @@ Special tokens and ids are fixed: ``<pad>`` = 0, ``<unk>`` = 1, ``<s>`` = 2, ``<
 Known limit: a literal special-token string in the input (e.g. the text ``"</s>"``) is matched as that
 special token and dropped by ``skip_special_tokens=True``.
 
-This file imports only the standard library, ``tokenizers`` and ``transformers`` so that it can be
-copied next to a saved tokenizer and loaded with ``trust_remote_code=True`` where ``vaswani`` is not
-installed.
+A saved tokenizer names ``PreTrainedTokenizerFast`` as its class (this one adds no behaviour to it), so
+``AutoTokenizer.from_pretrained(folder)`` loads it without ``vaswani`` and without remote code. Folders saved
+before name ``VaswaniTokenizer`` with this file beside them; they load as before (``trust_remote_code=True``
+where ``vaswani`` is not installed), which is why this file imports only the standard library, ``tokenizers``
+and ``transformers``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Iterator
 
@@ -53,6 +56,19 @@ class VaswaniTokenizerFast(TokenizersBackend):
 
     vocab_files_names = {"tokenizer_file": "tokenizer.json"}
     model_input_names = ["input_ids", "attention_mask"]
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], *args, **kwargs) -> tuple[str, ...]:
+        """Save as a plain ``PreTrainedTokenizerFast``: everything is in ``tokenizer.json`` and the config, so
+        ``AutoTokenizer`` needs neither this package nor remote code to load the folder."""
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        config_file = os.path.join(save_directory, "tokenizer_config.json")
+        with open(config_file, encoding="utf-8") as handle:
+            config = json.load(handle)
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        with open(config_file, "w", encoding="utf-8") as handle:
+            json.dump(config, handle, indent=2, sort_keys=True, ensure_ascii=False)
+            handle.write("\n")
+        return files
 
 
 def _byte_level_bpe() -> Tokenizer:

@@ -1,7 +1,8 @@
 """Corpus BLEU for evaluation (Vaswani et al. 2017, §6.1 reports BLEU), offline through ``evaluate``.
 
 Scores are sacreBLEU on detokenized text: cased by default, tokenizer 13a. The paper's numbers are tokenized
-BLEU with compound splitting instead, so they are not directly comparable (see docs/anchors §1).
+BLEU with compound splitting instead (tensor2tensor's ``get_ende_bleu.sh``: Moses tokenizer, ``##AT##-##AT##``
+compound split, multi-bleu.perl), so they are not directly comparable.
 ``evaluate.load("sacrebleu")`` would fetch a script from the Hub; the package ships the metric module
 ``sacrebleu_metric.py`` and loads that file, which needs no network.
 """
