@@ -1,0 +1,153 @@
+"""Bad input and faults: each gives a one-line message naming the problem and the fix (exit status 2 from the CLI,
+130 for Ctrl-C), never a traceback, an index error deep in torch or a silently wrong result."""
+
+import gzip
+import json
+import os
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from vaswani.cli import main
+from vaswani.training.data import read_lines
+
+WORDS = "a man dog runs sits on the street red blue big house park woman child plays ball".split()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny random model and a BPE learnt from a few made-up sentences (no files outside the repository)."""
+    from vaswani import VaswaniForConditionalGeneration
+    from vaswani.tokenization import train_tokenizer
+
+    texts = [" ".join(WORDS[(i * k) % len(WORDS)] for k in range(1, 7)) for i in range(60)]
+    tokenizer = train_tokenizer(texts, vocab_size=300, min_frequency=2, show_progress=False)
+    config = tiny_config(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                         decoder_start_token_id=2)
+    torch.manual_seed(0)
+    model = VaswaniForConditionalGeneration(config).eval()
+    model.generation_config.max_len_a, model.generation_config.max_len_b = 0.0, 4
+    path = tmp_path_factory.mktemp("model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _error_of(argv, capsys, status=2):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(arg) for arg in argv])
+    assert exit_info.value.code == status
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def _copy(folder, destination):
+    destination.mkdir()
+    for item in folder.iterdir():
+        (destination / item.name).write_bytes(item.read_bytes())
+    return destination
+
+
+# ---- corpus files ----
+
+
+def test_byte_order_mark_is_not_part_of_the_first_sentence(tmp_path):
+    plain, packed = tmp_path / "a.txt", tmp_path / "a.txt.gz"
+    plain.write_bytes(b"\xef\xbb\xbfHello.\nWorld.\n")
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert list(read_lines(plain)) == list(read_lines(packed)) == ["Hello.", "World."]
+
+
+def test_byte_order_mark_on_stdin_is_dropped(folder, monkeypatch, capsys):
+    import io
+    import sys
+
+    from vaswani.cli_translation import _read_input
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xef\xbb\xbfHello.\n")))
+    args = type("Args", (), {"text": [], "input": None})()
+    assert _read_input(args) == ["Hello."]
+
+
+def test_truncated_gz_corpus_names_the_file(tmp_path, capsys):
+    data = gzip.compress("".join(f"sentence number {i} of many\n" for i in range(2000)).encode())
+    cut = tmp_path / "cut.en.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.en.gz is truncated or damaged"):
+        list(read_lines(cut))
+    message = _error_of(["tokenizer", "train", "--source", cut, "--target", cut, "--output", tmp_path / "bpe"], capsys)
+    assert "cut.en.gz is truncated" in message
+
+
+def test_plain_text_named_gz_says_so(tmp_path):
+    fake = tmp_path / "plain.gz"
+    fake.write_text("not compressed\n")
+    with pytest.raises(ValueError, match="is not gzip-compressed.*rename it without .gz"):
+        list(read_lines(fake))
+
+
+def test_truncated_gz_input_of_translate(folder, tmp_path, capsys):
+    data = gzip.compress("".join(f"a man {i}\n" for i in range(3000)).encode())
+    cut = tmp_path / "in.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    assert "in.gz is truncated or damaged" in _error_of(["translate", folder, "-i", cut], capsys)
+
+
+# ---- translate arguments and model folders ----
+
+
+@pytest.mark.parametrize(("option", "value", "expected"), [
+    ("--beam", "0", "num_beams (--beam) must be >= 1, got 0"),
+    ("--max-len-b", "-5", "max_len_b (--max-len-b) must be >= 0, got -5"),
+    ("--max-len-a", "-1", "max_len_a (--max-len-a) must be >= 0, got -1.0"),
+])
+def test_bad_generation_options_are_refused(folder, capsys, option, value, expected):
+    assert expected in _error_of(["translate", folder, "a man", option, value], capsys)
+
+
+def test_unavailable_device_is_refused(folder, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "sees no CUDA GPU" in _error_of(["translate", folder, "a man", "--device", "cuda"], capsys)
+    assert "not a torch device" in _error_of(["translate", folder, "a man", "--device", "gpu0"], capsys)
+
+
+def test_output_into_missing_folder_is_refused_before_loading(tmp_path, capsys):
+    # the model does not even exist: the output is checked first
+    message = _error_of(["translate", tmp_path / "no-model", "a man", "-o", tmp_path / "missing" / "out.txt"], capsys)
+    assert "missing does not exist" in message
+
+
+@pytest.mark.parametrize("name", ["./nope", "../nope", "~/nope-vaswani-test", "some/deep/path"])
+def test_missing_local_folder_says_no_such_folder(capsys, name):
+    message = _error_of(["translate", name, "a man"], capsys)
+    assert f"no such folder: {name}" in message and "Hub" not in message
+
+
+@pytest.mark.parametrize("size", [7, 5000, -100])
+def test_truncated_weights_name_the_file(folder, tmp_path, capsys, size):
+    broken = _copy(folder, tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    os.truncate(weights, size if size > 0 else weights.stat().st_size + size)
+    message = _error_of(["translate", broken, "a man"], capsys)
+    assert f"{weights} is truncated or damaged" in message
+    message = _error_of(["attention", broken, "a man", "--output", tmp_path / "pictures"], capsys)
+    assert f"{weights} is truncated or damaged" in message
+
+
+def test_unknown_model_type_is_named_without_a_prompt(folder, tmp_path, capsys, monkeypatch):
+    other = _copy(folder, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "no-such-model"}))
+    monkeypatch.setattr("builtins.input", lambda *_: pytest.fail("asked whether to run the folder's code"))
+    assert "model_type 'no-such-model'" in _error_of(["translate", other, "a man"], capsys)
+
+
+def test_ctrl_c_in_translate_exits_130_with_a_line(folder, capsys, monkeypatch, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("vaswani.translate.translate", interrupted)
+    message = _error_of(["translate", folder, "a man", "-o", tmp_path / "out.txt"], capsys, status=130)
+    assert "interrupted; nothing was written to" in message
