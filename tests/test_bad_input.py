@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import padded_batch, tiny_config, tiny_model
 
 from vaswani.cli import main
 from vaswani.training.data import read_lines
@@ -151,3 +151,144 @@ def test_ctrl_c_in_translate_exits_130_with_a_line(folder, capsys, monkeypatch, 
     monkeypatch.setattr("vaswani.translate.translate", interrupted)
     message = _error_of(["translate", folder, "a man", "-o", tmp_path / "out.txt"], capsys, status=130)
     assert "interrupted; nothing was written to" in message
+
+
+# ---- model inputs ----
+
+
+@pytest.mark.parametrize("bad", [97, -5, -101])
+def test_labels_outside_the_vocabulary_are_refused(model, bad):
+    ids, mask = padded_batch()
+    labels = ids.clone()
+    labels[0, 1] = bad
+    with pytest.raises(ValueError, match=f"labels contain {bad}, which is neither a token id"):
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0)])
+def test_empty_batch_or_length_is_refused(model, shape):
+    ids = torch.full(shape, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="no sentences or no tokens"):
+        model(input_ids=ids, decoder_input_ids=torch.full((shape[0], 2), 5))
+    with pytest.raises(ValueError, match="no sentences or no tokens"):
+        model.generate(input_ids=ids, max_new_tokens=3)
+
+
+def test_one_dimensional_input_ids_are_refused(model):
+    with pytest.raises(ValueError, match=r"input_ids has shape \(5,\) but must be \[batch, length\]"):
+        model(input_ids=torch.arange(4, 9), decoder_input_ids=torch.arange(4, 7)[None])
+
+
+def test_all_labels_ignored_gives_zero_loss_that_backpropagates():
+    model = tiny_model().train()
+    ids, mask = padded_batch()
+    labels = torch.full_like(ids, -100)
+    for skip_logits in (False, True):
+        model.zero_grad()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, skip_logits=skip_logits,
+                     num_items_in_batch=torch.tensor(0)).loss
+        loss.backward()
+        assert loss.item() == 0.0
+        assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_additive_float_mask_means_what_the_keep_mask_means(model):
+    ids, mask = padded_batch()
+    additive = torch.zeros(mask.shape).masked_fill(mask == 0, float("-inf"))
+    decoder_ids = ids[:, :4]
+    expected = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+    for float_mask in (additive, additive.clamp(min=-1e9), mask.float()):
+        got = model(input_ids=ids, attention_mask=float_mask, decoder_input_ids=decoder_ids).logits
+        torch.testing.assert_close(got, expected)
+    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, num_beams=2)
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=additive, max_new_tokens=4, num_beams=2),
+                       generated)
+
+
+def test_nan_in_inputs_embeds_is_refused(model):
+    embeds = torch.randn(2, 5, 32)
+    embeds[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match="inputs_embeds contains NaN or inf"):
+        model(inputs_embeds=embeds, decoder_input_ids=torch.full((2, 3), 5))
+
+
+# ---- training ----
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from vaswani.training.numbers import make_number_corpus, write_parallel_corpus
+
+    out = tmp_path_factory.mktemp("numbers")
+    write_parallel_corpus(make_number_corpus(120, 8, 8, seed=1, max_value=999), out)
+    return {"source": out / "train.en", "target": out / "train.de"}
+
+
+def _settings(output, corpus, **overrides):
+    from vaswani.training.run import TrainSettings
+
+    values = dict(output_dir=output, train_corpus=corpus, preset="tiny", vocab_size=300, max_tokens=400, max_steps=3,
+                  warmup_steps=10, save_steps=3, eval_steps=0, report_to="none", progress=False,
+                  config_overrides={"d_model": 32, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64})
+    return TrainSettings(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, corpus):
+    from vaswani.training.run import train
+
+    output = tmp_path_factory.mktemp("run") / "out"
+    train(_settings(output, corpus))
+    return output
+
+
+def test_warmup_steps_zero_is_refused_before_reading_the_corpus(tmp_path):
+    missing = {"source": tmp_path / "none.en", "target": tmp_path / "none.de"}
+    from vaswani.training.run import train
+
+    with pytest.raises(ValueError, match="--warmup-steps must be >= 1"):
+        train(_settings(tmp_path / "out", missing, warmup_steps=0))
+
+
+def test_resume_with_another_model_is_refused_naming_the_difference(trained_run, corpus):
+    from vaswani.training.run import train
+
+    other = _settings(trained_run, corpus, resume=True, max_steps=6,
+                      config_overrides={"d_model": 64, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64})
+    with pytest.raises(ValueError, match="checkpoint-3 was trained with another model config .*d_model=32 there but "
+                                         "64 now"):
+        train(other)
+
+
+def test_ctrl_c_in_train_says_where_to_continue(trained_run, corpus, capsys, monkeypatch, tmp_path):
+    from vaswani.training.trainer import VaswaniTrainer
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(VaswaniTrainer, "train", interrupted)
+    argv = ["train", "--source", corpus["source"], "--target", corpus["target"], "--output", trained_run, "--resume",
+            "--preset", "tiny", "--set", "d_model=32", "encoder_ffn_dim=64", "decoder_ffn_dim=64", "--max-steps", "6",
+            "--report-to", "none", "--no-progress", "--eval-steps", "0"]
+    message = _error_of(argv, capsys, status=130)
+    assert f"interrupted; the last complete checkpoint is {trained_run / 'checkpoint-3'}; continue from it with " \
+           "--resume" in message
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")])
+def test_full_disk_names_the_disk_and_the_last_checkpoint(trained_run, error):
+    from vaswani.training.trainer import explained_stops
+
+    with pytest.raises(OSError, match=f"the disk holding {trained_run} is full .* the last complete checkpoint is "
+                                      f"{trained_run / 'checkpoint-3'}"):
+        with explained_stops(trained_run):
+            raise error
+
+
+def test_stop_before_the_first_checkpoint_says_to_start_again(tmp_path):
+    from vaswani.training.trainer import explained_stops, resume_hint
+
+    assert resume_hint(tmp_path) == f"no checkpoint yet in {tmp_path}; start again with --overwrite"
+    with pytest.raises(KeyboardInterrupt, match="no checkpoint yet"), explained_stops(tmp_path):
+        raise KeyboardInterrupt
