@@ -136,6 +136,13 @@ def test_truncated_weights_name_the_file(folder, tmp_path, capsys, size):
     assert f"{weights} is truncated or damaged" in message
 
 
+def test_truncated_weights_in_any_command_give_a_message(folder, tmp_path, capsys):
+    broken = _copy(folder, tmp_path / "broken")
+    os.truncate(broken / "model.safetensors", 5000)
+    message = _error_of(["average", broken, folder, "--output", tmp_path / "averaged"], capsys)
+    assert "a .safetensors weights file is truncated or damaged" in message
+
+
 def test_unknown_model_type_is_named_without_a_prompt(folder, tmp_path, capsys, monkeypatch):
     other = _copy(folder, tmp_path / "other")
     config = json.loads((other / "config.json").read_text())

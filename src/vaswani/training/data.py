@@ -161,7 +161,7 @@ def read_lines(path: str | os.PathLike[str]) -> Iterator[str]:
         ) from None
     except (EOFError, zlib.error) as err:
         raise ValueError(
-            f"{path} is truncated or damaged ({err}); copy or download it again (gzip -t {path} checks a copy)"
+            f"{path} is truncated or damaged ({err}); copy or download it again (`gzip -t {path}` checks it)"
         ) from None
 
 
