@@ -1,9 +1,12 @@
 """Bad input and faults: each gives a one-line message naming the problem and the fix (exit status 2 from the CLI,
 130 for Ctrl-C), never a traceback, an index error deep in torch or a silently wrong result."""
 
+import argparse
 import gzip
+import io
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -60,15 +63,11 @@ def test_byte_order_mark_is_not_part_of_the_first_sentence(tmp_path):
     assert list(read_lines(plain)) == list(read_lines(packed)) == ["Hello.", "World."]
 
 
-def test_byte_order_mark_on_stdin_is_dropped(folder, monkeypatch, capsys):
-    import io
-    import sys
-
+def test_byte_order_mark_on_stdin_is_dropped(monkeypatch):
     from vaswani.cli_translation import _read_input
 
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xef\xbb\xbfHello.\n")))
-    args = type("Args", (), {"text": [], "input": None})()
-    assert _read_input(args) == ["Hello."]
+    assert _read_input(argparse.Namespace(text=[], input=None)) == ["Hello."]
 
 
 def test_truncated_gz_corpus_names_the_file(tmp_path, capsys):

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
@@ -1076,7 +1076,9 @@ class VaswaniForConditionalGeneration(
             encoder_attentions=outputs.encoder_attentions,
         )
 
-    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+    def generate(
+        self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
+    ):
         """``generate()`` reading an additive float ``attention_mask`` as the keep-mask it means (see
         :func:`keep_mask`) in every step, the source lengths of the output limit included."""
         if kwargs.get("attention_mask") is not None:

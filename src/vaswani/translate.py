@@ -81,8 +81,8 @@ def _looks_local(name: str) -> bool:
     return os.sep in name and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is None
 
 
-def check_device(device: str) -> torch.device:
-    """``device`` as a ``torch.device``, refused with a message when it is malformed or this machine lacks it."""
+def check_device(device: str) -> None:
+    """Refuse a ``device`` that is malformed or that this machine lacks, with a message instead of a traceback."""
     try:
         parsed = torch.device(device)
     except RuntimeError:
@@ -91,10 +91,9 @@ def check_device(device: str) -> torch.device:
         raise ValueError(f"device {device!r}: this torch sees no CUDA GPU (torch.cuda.is_available() is False); "
                          "use --device cpu")
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA GPUs (cuda:0 …)")
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPUs, numbered from 0")
     if parsed.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {device!r}: MPS is not available on this machine; use --device cpu")
-    return parsed
 
 
 def _unreachable(model_id: str, err: Exception) -> ModelNotFoundError:
