@@ -227,7 +227,8 @@ def corpus(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("numbers")
     write_parallel_corpus(make_number_corpus(120, 8, 8, seed=1, max_value=999), out)
-    return {"source": out / "train.en", "target": out / "train.de"}
+    yield {"source": out / "train.en", "target": out / "train.de"}
+    torch.set_flush_denormal(False)  # training here flushed denormals for the whole process (tune_cpu_training)
 
 
 def _settings(output, corpus, **overrides):
