@@ -163,9 +163,9 @@ def test_bad_input_is_refused(corpus_dir, tmp_path):
     used = tmp_path / "used"
     used.mkdir()
     (used / "something.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="--resume .* or --overwrite"):
+    with pytest.raises(FileExistsError, match="no checkpoint to resume from; pass --overwrite"):
         train(settings_for(corpus_dir, used))
-    with pytest.raises(ValueError, match="no complete checkpoint"):
+    with pytest.raises(ValueError, match=f"no checkpoint yet in {used}; start again with --overwrite"):
         train(settings_for(corpus_dir, used, resume=True))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")

@@ -352,11 +352,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     for add in COMMANDS:
         add(sub)
     args = parser.parse_args(argv)
+    from safetensors import SafetensorError
+
     try:
         args.func(args)
     except (ValueError, OSError) as err:
         print(f"vaswani {args.command}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+        raise SystemExit(2) from None
+    except SafetensorError as err:  # a weights file the command read without checking it first
+        print(f"vaswani {args.command}: error: a .safetensors weights file is truncated or damaged ({err}); "
+              "copy or download it again, or save the model again", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt as err:  # Ctrl-C: say what is kept instead of a traceback (130 = 128 + SIGINT)
+        print(f"\nvaswani {args.command}: interrupted{f'; {err}' if str(err) else ''}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 
 def _add_translate(sub: argparse._SubParsersAction) -> None:
@@ -34,32 +33,35 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_translate)
 
 
-def _stream_lines(handle: BinaryIO, name: str) -> Iterator[str]:
-    """Lines split at ``\\n`` only (``\\r\\n`` accepted), decoded as UTF-8 with the line number on error."""
-    for lineno, raw in enumerate(handle, start=1):
-        if raw.endswith(b"\n"):
-            raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
-        try:
-            yield raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{name}:{lineno}: not valid UTF-8 ({err.reason}); re-encode the input as UTF-8") from None
-
-
 def _read_input(args: argparse.Namespace) -> list[str]:
     if args.text and args.input:
         raise ValueError("give sentences as arguments or --input, not both")
     if args.text:
         return list(args.text)
-    if args.input and args.input != "-":
-        from .training.data import read_lines
+    from .training.data import decode_lines, read_lines
 
+    if args.input and args.input != "-":
         return list(read_lines(args.input))
-    return list(_stream_lines(sys.stdin.buffer, "stdin"))
+    return list(decode_lines(sys.stdin.buffer, "stdin"))
+
+
+def _check_output_file(path: str) -> None:
+    """Refuse an output file that cannot be written before translating anything."""
+    target = Path(path)
+    folder = target.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"-o {path}: folder {folder} does not exist; create it or choose another path")
+    if target.is_dir():
+        raise IsADirectoryError(f"-o {path} is a folder; give a file name")
+    if not os.access(target if target.exists() else folder, os.W_OK):
+        raise PermissionError(f"-o {path}: {target if target.exists() else folder} is not writable")
 
 
 def _run_translate(args: argparse.Namespace) -> None:
-    from .translate import load_translation_model, translate
+    from .translate import check_generate_kwargs, load_translation_model, translate
 
+    if args.output:
+        _check_output_file(args.output)
     sentences = _read_input(args)
     generate_kwargs = {
         key: value
@@ -69,14 +71,18 @@ def _run_translate(args: argparse.Namespace) -> None:
         }.items()
         if value is not None
     }
+    check_generate_kwargs(generate_kwargs)
     translations: list[str] = []
     if sentences:
         model, tokenizer = load_translation_model(args.model, device=args.device, dtype=args.dtype)
         show_progress = bool(args.input) and args.input != "-" and not args.no_progress
-        translations = translate(
-            model, tokenizer, sentences, max_tokens=args.max_tokens, max_input_tokens=args.max_input_tokens,
-            progress=show_progress, **generate_kwargs,
-        )
+        try:
+            translations = translate(
+                model, tokenizer, sentences, max_tokens=args.max_tokens, max_input_tokens=args.max_input_tokens,
+                progress=show_progress, **generate_kwargs,
+            )
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"nothing was written{f' to {args.output}' if args.output else ''}") from None
     text = "".join(line + "\n" for line in translations)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
@@ -339,7 +339,8 @@ def packing_for(keep: torch.Tensor | None, training: bool, kwargs: dict) -> Pack
     if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
         return None
     keep = keep.bool()
-    if int(keep.sum()) > (1.0 - PACKING_MIN_PADDING) * keep.numel():
+    kept = int(keep.sum())
+    if kept == 0 or kept > (1.0 - PACKING_MIN_PADDING) * keep.numel():  # nothing to compute, or little to save
         return None
     return Packing(keep)
 
@@ -647,11 +648,21 @@ class VaswaniPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
 
 
+def _id_range(ids: torch.Tensor) -> tuple[int, int]:
+    """The smallest and largest id, read back in one step (one device sync)."""
+    low, high = torch.stack((ids.min(), ids.max())).tolist()
+    return low, high
+
+
 def _check_ids(name: str, ids: torch.Tensor | None, vocab_size: int) -> None:
-    """Refuse token ids outside the vocabulary with a message instead of an index error deep in torch."""
-    if ids is None or is_torchdynamo_compiling() or ids.numel() == 0:
+    """Refuse token ids that are not ``[batch, length]`` with at least one of each, or that lie outside the
+    vocabulary, with a message instead of a shape or index error deep in torch."""
+    if ids is None:
         return
-    low, high = int(ids.min()), int(ids.max())
+    _check_shape(name, ids, ("batch", "length"))
+    if is_torchdynamo_compiling():
+        return
+    low, high = _id_range(ids)
     if low < 0 or high >= vocab_size:
         bad = high if high >= vocab_size else low
         raise ValueError(
@@ -659,6 +670,54 @@ def _check_ids(name: str, ids: torch.Tensor | None, vocab_size: int) -> None:
             "Encode the text with this model's tokenizer, or call model.resize_token_embeddings(len(tokenizer)) "
             "after adding tokens."
         )
+
+
+def _check_shape(name: str, tensor: torch.Tensor, dims: tuple[str, ...]) -> None:
+    """``tensor`` has the dimensions ``dims`` (names for the message), none of them empty."""
+    if tensor.dim() != len(dims):
+        raise ValueError(
+            f"{name} has shape {tuple(tensor.shape)} but must be [{', '.join(dims)}]; for one sentence add the "
+            f"batch dimension ({name}[None]), or let the tokenizer make it: tokenizer([text], return_tensors='pt')."
+        )
+    if 0 in tensor.shape:
+        raise ValueError(
+            f"{name} has shape {tuple(tensor.shape)}: no sentences or no tokens. Pass at least one sentence of at "
+            "least one token (the tokenizer gives even an empty string its </s>)."
+        )
+
+
+def _check_labels(labels: torch.Tensor | None, vocab_size: int) -> None:
+    """Labels are target ids in the vocabulary or -100 (ignored), ``[batch, length]``."""
+    if labels is None:
+        return
+    _check_shape("labels", labels, ("batch", "length"))
+    if is_torchdynamo_compiling():
+        return
+    low, high = _id_range(labels.masked_fill(labels == -100, 0))
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"labels contain {high if high >= vocab_size else low}, which is neither a token id of the vocabulary "
+            f"[0, {vocab_size - 1}] nor -100 (ignored); make labels with this model's tokenizer and -100 for padding."
+        )
+
+
+def _check_embeds(name: str, embeds: torch.Tensor | None) -> None:
+    """Given embeddings are ``[batch, length, d_model]`` and finite: a NaN would silently fill its whole row."""
+    if embeds is None:
+        return
+    _check_shape(name, embeds, ("batch", "length", "d_model"))
+    if not is_torchdynamo_compiling() and not bool(torch.isfinite(embeds).all()):
+        raise ValueError(f"{name} contains NaN or inf values; check what computed them (every output row they "
+                         "reach would be NaN).")
+
+
+def keep_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A ``[batch, len]`` attention mask as True = attend. Masks of 1/0 (the tokenizer's) pass as they are; a
+    float mask whose entries are all <= 0 is additive (0 = attend, -inf or a large negative = masked), as some
+    transformers code passes, and becomes the boolean mask it means instead of being read inverted."""
+    if mask is None or mask.dim() != 2 or not mask.is_floating_point():
+        return mask
+    return torch.where((mask <= 0).all(), mask == 0, mask != 0)
 
 
 def _check_mask(name: str, mask: torch.Tensor | None, ids_name: str, shape: torch.Size) -> None:
@@ -715,6 +774,8 @@ class VaswaniEncoder(LayerStack):
     ) -> BaseModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds to the encoder.")
+        _check_embeds("inputs_embeds", inputs_embeds)
+        attention_mask = keep_mask(attention_mask)
         if inputs_embeds is None:
             _check_ids("input_ids", input_ids, self.embed_tokens.num_embeddings)
             _check_mask("attention_mask", attention_mask, "input_ids", input_ids.shape)
@@ -768,6 +829,8 @@ class VaswaniDecoder(LayerStack):
             raise ValueError("Pass exactly one of decoder_input_ids or decoder_inputs_embeds to the decoder.")
         if encoder_hidden_states is None:
             raise ValueError("The decoder attends to the encoder output: pass encoder_hidden_states.")
+        _check_embeds("decoder_inputs_embeds", inputs_embeds)
+        attention_mask, encoder_attention_mask = keep_mask(attention_mask), keep_mask(encoder_attention_mask)
         if inputs_embeds is None:
             _check_ids("decoder_input_ids", input_ids, self.embed_tokens.num_embeddings)
             _check_mask("decoder_attention_mask", attention_mask, "decoder_input_ids", input_ids.shape)
@@ -985,6 +1048,7 @@ class VaswaniForConditionalGeneration(
         name liger-kernel models use) returns ``logits=None`` instead of laying them out as ``[batch, len,
         vocab]``: a training step reads only the loss, and accelerate's mixed precision would copy them to fp32."""
         if labels is not None:
+            _check_labels(labels, self.config.decoder_vocab_size)
             use_cache = False
             if decoder_input_ids is None and decoder_inputs_embeds is None:
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
@@ -1027,6 +1091,15 @@ class VaswaniForConditionalGeneration(
             encoder_hidden_states=outputs.encoder_hidden_states,
             encoder_attentions=outputs.encoder_attentions,
         )
+
+    def generate(
+        self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
+    ):
+        """``generate()`` reading an additive float ``attention_mask`` as the keep-mask it means (see
+        :func:`keep_mask`) in every step, the source lengths of the output limit included."""
+        if kwargs.get("attention_mask") is not None:
+            kwargs["attention_mask"] = keep_mask(kwargs["attention_mask"])
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Used by ``DataCollatorForSeq2Seq(model=...)`` so label-smoothed Trainer runs get decoder inputs."""
@@ -1278,7 +1351,6 @@ def _per_item(
 ) -> torch.Tensor:
     """A summed loss divided by ``num_items_in_batch``, by default the number of labels != ``ignore_index``."""
     if num_items_in_batch is None:
-        num_items_in_batch = (labels != ignore_index).sum().clamp(min=1)
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+        num_items_in_batch = (labels != ignore_index).sum()
+    # no labelled token (all -100): the summed loss is 0, and so is its gradient, instead of 0 / 0 = NaN
+    return total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1)

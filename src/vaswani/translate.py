@@ -9,7 +9,9 @@ so output line *i* is always the translation of input line *i*.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,11 +33,67 @@ def _check_local_folder(folder: Path) -> None:
             f"{folder} has no config.json, so it is not a saved model folder; save one with "
             "model.save_pretrained(folder) (and tokenizer.save_pretrained(folder))."
         )
+    _check_model_type(folder / "config.json")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelNotFoundError(
             f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer the model was "
             "trained with into the same folder: tokenizer.save_pretrained(folder)."
         )
+    check_weights(folder)
+
+
+def _check_model_type(config_file: Path) -> None:
+    """Refuse a config whose ``model_type`` no installed class handles: transformers would offer to run the
+    folder's own code (a y/N prompt) or fail deep inside."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(f"{config_file} is not a JSON object ({err}); save the model again.") from None
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(
+            f"{config_file} has model_type {model_type!r}, which neither transformers nor vaswani provides; "
+            "pass a Vaswani (or other transformers seq2seq) model folder, or install the package that defines it."
+        )
+
+
+def check_weights(folder: str | os.PathLike[str]) -> None:
+    """Refuse ``*.safetensors`` files in ``folder`` that are cut short or not safetensors, naming the file
+    (loading them fails with a bare ``SafetensorError``). Reads only the headers."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except SafetensorError as err:
+            raise ValueError(
+                f"{file} is truncated or damaged ({err}); copy or download the model again, or save it again "
+                "with save_pretrained()."
+            ) from None
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hub id: starts with ./ ../ / or ~, or has a path separator but is not owner/name."""
+    if name in (".", "..") or name.startswith(("./", "../", "/", "~", f".{os.sep}", f"..{os.sep}", os.sep)):
+        return True
+    return os.sep in name and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is None
+
+
+def check_device(device: str) -> None:
+    """Refuse a ``device`` that is malformed or that this machine lacks, with a message instead of a traceback."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a torch device; use cpu, cuda, cuda:1, mps, ...") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this torch sees no CUDA GPU (torch.cuda.is_available() is False); "
+                         "use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPUs, numbered from 0")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available on this machine; use --device cpu")
 
 
 def _unreachable(model_id: str, err: Exception) -> ModelNotFoundError:
@@ -51,8 +109,10 @@ def load_translation_model(
 ) -> tuple[Any, Any]:
     """Load a seq2seq model and its tokenizer from a folder or Hub id, in eval mode on ``device``/``dtype``.
 
-    Vaswani folders load with the package's classes; other transformers seq2seq models (e.g. Marian) too.
-    Raises :class:`ModelNotFoundError` naming the problem (no config, no tokenizer, Hub unreachable).
+    Vaswani folders load with the package's classes; other transformers seq2seq models (e.g. Marian) too; a
+    folder's own code is never run. Raises :class:`ModelNotFoundError` naming the problem (no such folder, no
+    config, no tokenizer, Hub unreachable) and ``ValueError`` for damaged weights, an unknown model type or a
+    device this machine lacks, before loading anything.
     """
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -60,17 +120,19 @@ def load_translation_model(
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    source = Path(model_id_or_path)
+    check_device(device)
+    name = os.fspath(model_id_or_path)
+    source = Path(name).expanduser()
     if source.exists():
         if not source.is_dir():
             raise ModelNotFoundError(f"{source} is a file; pass the model folder that holds config.json")
         _check_local_folder(source)
         name = str(source)
-    else:
-        name = str(model_id_or_path)
+    elif _looks_local(name):
+        raise ModelNotFoundError(f"no such folder: {name}; pass the folder that holds the model's config.json")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForSeq2SeqLM.from_pretrained(name, dtype=DTYPES[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+        model = AutoModelForSeq2SeqLM.from_pretrained(name, dtype=DTYPES[dtype], trust_remote_code=False)
     except OSError as err:
         if source.exists():
             raise
@@ -94,6 +156,18 @@ def token_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
         else:
             batches.append([index])
     return batches
+
+
+#: Lower bounds of ``generate`` arguments that would otherwise fail deep inside or give empty translations.
+GENERATE_MINIMUMS = {"num_beams": (1, "--beam"), "max_len_a": (0, "--max-len-a"), "max_len_b": (0, "--max-len-b")}
+
+
+def check_generate_kwargs(generate_kwargs: dict[str, Any]) -> None:
+    """Refuse a beam size below 1 and a negative output limit (a·source length + b) with the option to fix."""
+    for key, (minimum, option) in GENERATE_MINIMUMS.items():
+        value = generate_kwargs.get(key)
+        if value is not None and value < minimum:
+            raise ValueError(f"{key} ({option}) must be >= {minimum}, got {value}")
 
 
 @torch.inference_mode()
@@ -125,6 +199,7 @@ def translate(
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if generate_kwargs.get("num_return_sequences", 1) != 1:
         raise ValueError("translate returns one translation per sentence; drop num_return_sequences")
+    check_generate_kwargs(generate_kwargs)
     warn = warn or (lambda message: print(message, file=sys.stderr))
     limit = max_input_tokens or tokenizer.model_max_length
     outputs = [""] * len(sentences)

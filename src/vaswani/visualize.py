@@ -64,6 +64,8 @@ def load_model_and_tokenizer(model_dir: str | os.PathLike[str]):
     """Load a saved model folder (``AutoModelForSeq2SeqLM`` + ``AutoTokenizer``) for inspection, in eval mode."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+    from .translate import check_weights
+
     folder = Path(model_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {os.fspath(folder)!r} does not exist")
@@ -73,6 +75,7 @@ def load_model_and_tokenizer(model_dir: str | os.PathLike[str]):
             f"model folder {os.fspath(folder)!r} lacks {', '.join(missing)}; save the model and its tokenizer "
             "there with save_pretrained() (`vaswani demo` does both)"
         )
+    check_weights(folder)
     model = AutoModelForSeq2SeqLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model.eval(), tokenizer

@@ -19,10 +19,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
@@ -119,27 +120,49 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def decode_lines(handle: BinaryIO, name: str) -> Iterator[str]:
+    """Lines of a binary stream split at ``\\n`` only (``\\r\\n`` accepted), decoded as UTF-8, without their
+    endings; a UTF-8 byte-order mark before the first line is dropped (it is not part of the sentence).
+    Non-UTF-8 bytes raise ``ValueError`` naming ``name`` and the line."""
+    for lineno, raw in enumerate(handle, start=1):
+        if lineno == 1 and raw.startswith(UTF8_BOM):
+            raw = raw[len(UTF8_BOM) :]
+        if raw.endswith(b"\n"):
+            raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{name}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start} of the line); "
+                "re-encode the input as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+            ) from None
+
+
 def read_lines(path: str | os.PathLike[str]) -> Iterator[str]:
     """Yield the lines of a plain or gzipped UTF-8 text file, without their ``\\n`` / ``\\r\\n`` ending.
 
     Only ``\\n`` separates lines (Unicode line separators inside a sentence are kept), so line ``i`` of a
-    source file stays aligned with line ``i`` of its target file. Non-UTF-8 bytes raise ``ValueError``
-    naming the file and line.
+    source file stays aligned with line ``i`` of its target file. Non-UTF-8 bytes, and a ``.gz`` file that is
+    not gzip or is cut short, raise ``ValueError`` naming the file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {str(path)!r} does not exist")
-    with _open_binary(path) as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            if raw.endswith(b"\n"):
-                raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
-            try:
-                yield raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(
-                    f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start} of the line); "
-                    "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
-                ) from None
+    try:
+        with _open_binary(path) as handle:
+            yield from decode_lines(handle, str(path))
+    except gzip.BadGzipFile:
+        raise ValueError(
+            f"{path} is not gzip-compressed although its name ends in .gz; rename it without .gz "
+            "(or compress it with gzip)"
+        ) from None
+    except (EOFError, zlib.error) as err:
+        raise ValueError(
+            f"{path} is truncated or damaged ({err}); copy or download it again (`gzip -t {path}` checks it)"
+        ) from None
 
 
 def _is_empty(text: str) -> bool:
@@ -493,6 +516,7 @@ __all__ = [
     "TokenizeReport",
     "corpus_statistics",
     "dataset_from_files",
+    "decode_lines",
     "load_parallel_corpus",
     "pairs_from_dataset",
     "read_lines",

@@ -25,8 +25,11 @@ from .metrics import make_compute_metrics
 from .trainer import (
     TimeBudget,
     VaswaniTrainer,
+    check_resumable,
+    explained_stops,
     gradient_accumulation_for,
     last_complete_checkpoint,
+    resume_hint,
     seq2seq_collator,
 )
 
@@ -75,16 +78,23 @@ def prepare_output_dir(settings: TrainSettings) -> None:
     """Refuse to mix two runs in one folder: a used folder needs ``overwrite`` (start again) or ``resume``."""
     out = settings.output_dir
     used = out.exists() and any(out.iterdir())
+    last = last_complete_checkpoint(out)
     if settings.resume:
-        if last_complete_checkpoint(out) is None:
+        if last is None:
             raise ValueError(
-                f"--resume: {out} holds no complete checkpoint-<step> folder to resume from; "
-                "start a new run without --resume."
+                f"--resume: no checkpoint yet in {out}; start again with --overwrite"
+                if used else f"--resume: {out} is empty or missing; start a new run without --resume"
             )
         return
+    if used and not settings.overwrite and last is None:
+        raise FileExistsError(
+            f"{out} already holds files but no checkpoint to resume from; pass --overwrite to replace them "
+            "(or choose another --output)."
+        )
     if used and not settings.overwrite:
         raise FileExistsError(
-            f"{out} already holds files (another run?). Pass --resume to continue it or --overwrite to replace it."
+            f"{out} already holds a run (last checkpoint {last}). Pass --resume to continue it or --overwrite to "
+            "replace it."
         )
     if used:
         shutil.rmtree(out)
@@ -196,6 +206,8 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
     ``callbacks`` are extra ``TrainerCallback`` s. Returns None on processes other than the main one. On a CPU
     the process gets :func:`vaswani.perf.tune_cpu_training` (allocator settings, denormals flushed to zero)."""
     started = time.monotonic()  # the time budget (``max_minutes``) counts from here
+    if settings.warmup_steps < 1:  # before any tokenizing: the schedule divides by it
+        raise ValueError(f"--warmup-steps must be >= 1 (paper: 4,000), got {settings.warmup_steps}")
     state = PartialState()
     if state.device.type == "cpu":
         tune_cpu_training()
@@ -235,15 +247,16 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
         cooldown_steps=settings.cooldown_steps,
         label_smoothing=settings.label_smoothing,
     )
-    resume_from = str(last_complete_checkpoint(settings.output_dir)) if settings.resume else None
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    resume_from = last_complete_checkpoint(settings.output_dir) if settings.resume else None
+    if resume_from is not None:
+        check_resumable(config, resume_from)
+    with explained_stops(settings.output_dir):
+        output = trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
     bad_step = trainer.nonfinite.bad_step
     if bad_step is not None:
-        last = last_complete_checkpoint(settings.output_dir)
         raise ValueError(
-            f"The training loss became NaN/inf at step {bad_step}; stopped without saving that state. "
-            f"The last good checkpoint is {last}; resume from it with --resume and a lower --lr-scale or "
-            "a longer --warmup-steps."
+            f"The training loss became NaN/inf at step {bad_step}; stopped without saving that state: "
+            f"{resume_hint(settings.output_dir)}, with a lower --lr-scale or a longer --warmup-steps."
         )
     if not trainer.is_world_process_zero():
         return None
@@ -257,8 +270,9 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
         trainer.model = model
         shutil.rmtree(averaged_dir)
         averaged = [str(c) for c in checkpoints]
-    trainer.save_model(str(settings.output_dir))
-    tokenizer.save_pretrained(settings.output_dir)
+    with explained_stops(settings.output_dir):
+        trainer.save_model(str(settings.output_dir))
+        tokenizer.save_pretrained(settings.output_dir)
 
     eval_metrics = trainer.evaluate() if valid_set is not None else {}
     train_tokens = sum(len(x) for x in train_set["labels"])

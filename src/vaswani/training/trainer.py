@@ -10,12 +10,16 @@ and RNG state, resuming, evaluation with ``generate()`` and sacreBLEU, logging, 
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import math
 import os
+import shutil
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -249,3 +253,47 @@ def last_complete_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
         if is_complete_checkpoint(folder):
             return folder
     return None
+
+
+def resume_hint(run_dir: str | os.PathLike[str]) -> str:
+    """Where a stopped run can continue from: its last complete checkpoint, or nowhere yet."""
+    last = last_complete_checkpoint(run_dir)
+    if last is None:
+        return f"no checkpoint yet in {run_dir}; start again with --overwrite"
+    return f"the last complete checkpoint is {last}; continue from it with --resume"
+
+
+@contextmanager
+def explained_stops(run_dir: Path) -> Iterator[None]:
+    """Ctrl-C and a full disk while training or saving say where the run can continue from (see
+    :func:`resume_hint`) in one line instead of a long traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(resume_hint(run_dir)) from None
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError "file write failed"
+        if getattr(err, "errno", None) != errno.ENOSPC and "file write failed" not in str(err):
+            raise
+        free = shutil.disk_usage(run_dir).free
+        raise OSError(
+            errno.ENOSPC, f"the disk holding {run_dir} is full ({free / 2**20:,.0f} MiB free) while saving; free "
+            f"space (or lower --save-total-limit), then: {resume_hint(run_dir)}"
+        ) from None
+
+
+#: Config entries that record how a model was saved rather than what it is.
+_SAVING_KEYS = {"architectures", "auto_map", "custom_pipelines", "dtype", "torch_dtype", "transformers_version",
+                "use_cache", "_name_or_path"}
+
+
+def check_resumable(config: Any, checkpoint: Path) -> None:
+    """Refuse to resume ``checkpoint`` with a model config that differs from the one it was saved with (another
+    --preset, --config or --set), naming the differences, instead of a page of weight-shape mismatches."""
+    saved, wanted = type(config).from_pretrained(checkpoint).to_dict(), config.to_dict()
+    differ = sorted(key for key in (saved.keys() | wanted.keys()) - _SAVING_KEYS if saved.get(key) != wanted.get(key))
+    if differ:
+        detail = ", ".join(f"{key}={saved.get(key)!r} there but {wanted.get(key)!r} now" for key in differ)
+        raise ValueError(
+            f"--resume: {checkpoint} was trained with another model config ({detail}); resume with the --preset, "
+            "--config and --set the run started with, or start again with --overwrite."
+        )
