@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,13 +14,13 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from transformers import Seq2SeqTrainingArguments, TrainerCallback
+from transformers import Seq2SeqTrainingArguments, TrainerCallback, TrainerState
 
 from ..configuration import PRESETS, VaswaniConfig
 from ..modeling import VaswaniForConditionalGeneration
 from ..perf import tune_cpu_training
 from ..tokenization import load_tokenizer
-from .averaging import average_checkpoints, collect_checkpoints
+from .averaging import RunIdentity, average_checkpoints, collect_checkpoints, numbered_checkpoints
 from .data import load_parallel_corpus, tokenize_corpus, train_tokenizer_from_corpus
 from .metrics import make_compute_metrics
 from .trainer import (
@@ -71,6 +72,32 @@ class TrainSettings:
     progress: bool = True
 
 
+def _input_paths(settings: TrainSettings) -> list[Path]:
+    """The existing files and folders the run reads (corpora, tokenizer, config), resolved."""
+    corpora = [settings.train_corpus, settings.valid_corpus or {}]
+    named = [corpus.get(key) for corpus in corpora for key in ("source", "target", "dataset")]
+    named += [settings.tokenizer, settings.config_file]
+    return [Path(p).resolve() for p in named if p is not None and Path(p).exists()]
+
+
+def check_replaceable(settings: TrainSettings) -> None:
+    """``--overwrite`` deletes only an earlier run of ours (its run file or ``checkpoint-<step>`` folders),
+    never the current folder or one that holds this run's inputs: anything else could be someone's work."""
+    out = settings.output_dir
+    folder = out.resolve()
+    if Path.cwd().resolve().is_relative_to(folder):
+        raise ValueError(f"--overwrite would delete {out}, the current folder or one above it; choose a new --output.")
+    if inside := [p for p in _input_paths(settings) if p.is_relative_to(folder)]:
+        raise ValueError(
+            f"--overwrite would delete {inside[0]}, an input of this run inside {out}; choose a new --output."
+        )
+    if not ((out / RUN_FILE).is_file() or numbered_checkpoints(out)):
+        raise ValueError(
+            f"{out} does not look like an earlier `vaswani train` run (no {RUN_FILE}, no checkpoint-<step> "
+            "folders), so --overwrite leaves it alone; choose a new --output or empty it yourself."
+        )
+
+
 def prepare_output_dir(settings: TrainSettings) -> None:
     """Refuse to mix two runs in one folder: a used folder needs ``overwrite`` (start again) or ``resume``."""
     out = settings.output_dir
@@ -87,8 +114,43 @@ def prepare_output_dir(settings: TrainSettings) -> None:
             f"{out} already holds files (another run?). Pass --resume to continue it or --overwrite to replace it."
         )
     if used:
+        check_replaceable(settings)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _read_run_file(out: Path) -> dict[str, Any]:
+    run_file = out / RUN_FILE
+    return json.loads(run_file.read_text()) if run_file.is_file() else {}
+
+
+def write_run_file(settings: TrainSettings, run_id: str, result: TrainResult | None = None) -> None:
+    """``vaswani_run.json``: the run's id and settings from the start (it marks the folder as a run), and its
+    result once finished."""
+    record: dict[str, Any] = {
+        "run_id": run_id,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
+    }
+    if result is not None:
+        record["result"] = asdict(result)
+    (settings.output_dir / RUN_FILE).write_text(json.dumps(record, indent=2, default=str))
+
+
+def finished_result(settings: TrainSettings) -> TrainResult | None:
+    """The recorded result when ``--resume`` finds a finished run that needs no more updates, else None."""
+    result = _read_run_file(settings.output_dir).get("result")
+    if not settings.resume or result is None:
+        return None
+    if 0 < settings.max_steps and result["steps"] < settings.max_steps:
+        return None  # a higher --max-steps trains on
+    return TrainResult(**result)
+
+
+def reached_its_end(checkpoint: Path, settings: TrainSettings) -> bool:
+    """Whether a checkpoint was saved after the last update of its run (a run killed before its final save)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    wanted = settings.max_steps if settings.max_steps > 0 else state["max_steps"]
+    return state["global_step"] >= wanted
 
 
 def build_config(settings: TrainSettings, tokenizer: Any) -> VaswaniConfig:
@@ -197,11 +259,17 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
     the process gets :func:`vaswani.perf.tune_cpu_training` (allocator settings, denormals flushed to zero)."""
     started = time.monotonic()  # the time budget (``max_minutes``) counts from here
     state = PartialState()
+    if (finished := finished_result(settings)) is not None:
+        print(f"{settings.output_dir} holds a finished run of {finished.steps} updates; nothing to resume "
+              "(a higher --max-steps trains on).")
+        return finished if state.is_main_process else None
     if state.device.type == "cpu":
         tune_cpu_training()
+    run_id = (settings.resume and _read_run_file(settings.output_dir).get("run_id")) or uuid.uuid4().hex
     with state.main_process_first():  # one process prepares the folder and the tokenizer, the others load it
         if state.is_main_process:
             prepare_output_dir(settings)
+            write_run_file(settings, run_id)
             tokenizer = get_tokenizer(settings)
         else:
             tokenizer = load_tokenizer(settings.output_dir)
@@ -215,8 +283,14 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
         "tokens dropped)"
     )
 
+    resume_from = last_complete_checkpoint(settings.output_dir) if settings.resume else None
+    ended = resume_from is not None and reached_its_end(resume_from, settings)
     torch.manual_seed(settings.seed)
-    model = VaswaniForConditionalGeneration(config)
+    if ended:
+        model = VaswaniForConditionalGeneration.from_pretrained(resume_from)
+    else:
+        model = VaswaniForConditionalGeneration(config)
+    callbacks = [*callbacks, RunIdentity(run_id)]
     if settings.max_minutes:  # with a cool-down and no step total, the cool-down ends the time budget
         fit_cooldown = bool(settings.cooldown_steps) and settings.max_steps <= 0
         callbacks = [*callbacks, TimeBudget(settings.max_minutes, fit_cooldown, started)]
@@ -235,8 +309,12 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
         cooldown_steps=settings.cooldown_steps,
         label_smoothing=settings.label_smoothing,
     )
-    resume_from = str(last_complete_checkpoint(settings.output_dir)) if settings.resume else None
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    if ended:  # killed between its last checkpoint and the final save: finish without another update
+        print(f"{resume_from} was saved after the run's last update; finishing the run without training.")
+        trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
+        train_metrics: dict[str, float] = {}
+    else:
+        train_metrics = trainer.train(resume_from_checkpoint=resume_from and str(resume_from)).metrics
     bad_step = trainer.nonfinite.bad_step
     if bad_step is not None:
         last = last_complete_checkpoint(settings.output_dir)
@@ -252,7 +330,8 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
     if settings.average_last > 1:  # §6.1: average the last N checkpoints
         # a run stopped by its time budget may have saved fewer: average what there is (all of them)
         checkpoints = collect_checkpoints([settings.output_dir])[-settings.average_last :]
-        averaged_dir = average_checkpoints(checkpoints, settings.output_dir / "averaged", overwrite=True)
+        # this folder holds one run; checkpoints saved before run ids were recorded lack one (force)
+        averaged_dir = average_checkpoints(checkpoints, settings.output_dir / "averaged", overwrite=True, force=True)
         model = VaswaniForConditionalGeneration.from_pretrained(averaged_dir)
         trainer.model = model
         shutil.rmtree(averaged_dir)
@@ -262,8 +341,8 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
 
     eval_metrics = trainer.evaluate() if valid_set is not None else {}
     train_tokens = sum(len(x) for x in train_set["labels"])
-    seconds = output.metrics.get("train_runtime", 0.0)
-    epochs_done = output.metrics.get("epoch", trainer.state.epoch or 0.0)
+    seconds = train_metrics.get("train_runtime", 0.0)
+    epochs_done = train_metrics.get("epoch", trainer.state.epoch or 0.0)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     result = TrainResult(
         output_dir=str(settings.output_dir),
@@ -278,10 +357,7 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
         world_size=trainer.args.world_size,
     )
     plot_training_curves(trainer.state.log_history, settings.output_dir / "training_curves.png")
-    settings_record = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}
-    (settings.output_dir / RUN_FILE).write_text(
-        json.dumps({"settings": settings_record, "result": asdict(result)}, indent=2, default=str)
-    )
+    write_run_file(settings, run_id, result)
     return result
 
 
