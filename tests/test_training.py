@@ -235,6 +235,35 @@ def test_config_contradicting_tokenizer(corpus_dir, tmp_path):
         train(settings_for(corpus_dir, tmp_path / "d", config_file=tmp_path / "cfg2"))
 
 
+def test_config_mistakes_are_errors_naming_the_nearest_key(corpus_dir, tmp_path):
+    from vaswani import VaswaniConfig
+    from vaswani.configuration import check_config_dict
+
+    out = tmp_path / "out"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="there is no .*config.json"):  # not the 63M-parameter base model
+        train(settings_for(corpus_dir, out, config_file=tmp_path / "empty"))
+    with pytest.raises(ValueError, match="--set: unknown key 'dropuot'; did you mean 'dropout'"):
+        train(settings_for(corpus_dir, out, config_overrides={**TINY, "dropuot": 0.3}))
+    config = tmp_path / "cfg"
+    VaswaniConfig(vocab_size=400, **TINY).save_pretrained(config)  # auto_map, dtype, transformers_version, ...
+    saved = json.loads((config / "config.json").read_text())
+    (config / "config.json").write_text(json.dumps({**saved, "encoder_layres": 4}))
+    with pytest.raises(ValueError, match="unknown key 'encoder_layres'; did you mean 'encoder_layers'"):
+        train(settings_for(corpus_dir, out, config_file=config))
+    (config / "config.json").write_text(json.dumps(saved))
+    (config / "generation_config.json").write_text(json.dumps({"num_beam": 2}))
+    with pytest.raises(ValueError, match="unknown key 'num_beam'; did you mean 'num_beams'"):
+        train(settings_for(corpus_dir, out, config_file=config))
+    assert not out.exists()  # refused before anything was written
+    (config / "generation_config.json").write_text(json.dumps({"num_beams": 2, "max_len_b": 9}))
+    train(settings_for(corpus_dir, out, config_file=config, max_steps=1))
+    model = AutoModelForSeq2SeqLM.from_pretrained(out)
+    assert (model.config.d_model, model.generation_config.num_beams, model.generation_config.max_len_b) == (32, 2, 9)
+    with pytest.warns(UserWarning, match="a 'marian' config.*static_position_embeddings are ignored"):
+        check_config_dict({"model_type": "marian", "d_model": 32, "static_position_embeddings": True}, "config.json")
+
+
 def test_non_finite_loss_stops_without_saving():
     guard = StopOnNonFiniteLoss()
     control = TrainerControl(should_save=True)

@@ -14,9 +14,17 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from transformers import Seq2SeqTrainingArguments, TrainerCallback, TrainerState
+from transformers import GenerationConfig, Seq2SeqTrainingArguments, TrainerCallback, TrainerState
+from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME
 
-from ..configuration import PRESETS, VaswaniConfig
+from ..configuration import (
+    PRESETS,
+    VaswaniConfig,
+    check_config_dict,
+    check_known_keys,
+    known_config_keys,
+    known_generation_keys,
+)
 from ..modeling import VaswaniForConditionalGeneration
 from ..perf import tune_cpu_training
 from ..tokenization import load_tokenizer
@@ -153,6 +161,34 @@ def reached_its_end(checkpoint: Path, settings: TrainSettings) -> bool:
     return state["global_step"] >= wanted
 
 
+def config_json(path: Path) -> Path:
+    """The config.json that ``--config`` names: the file itself or the one in the folder."""
+    file = path / CONFIG_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"--config {path}: there is no {file}; give a config.json or a folder that holds one.")
+    return file
+
+
+def check_config_settings(settings: TrainSettings) -> None:
+    """Misspelt ``--set`` keys and config.json keys are errors before anything is written: the model would
+    otherwise silently take the defaults."""
+    check_known_keys(settings.config_overrides, known_config_keys(), "--set")
+    if settings.config_file is not None:
+        config_file = config_json(settings.config_file)
+        check_config_dict(json.loads(config_file.read_text()), str(config_file))
+
+
+def user_generation_config(settings: TrainSettings) -> GenerationConfig | None:
+    """The generation_config.json next to ``--config``'s config.json (checked for unknown keys), if any."""
+    if settings.config_file is None:
+        return None
+    file = config_json(settings.config_file).parent / GENERATION_CONFIG_NAME
+    if not file.is_file():
+        return None
+    check_known_keys(json.loads(file.read_text()), known_generation_keys(), str(file))
+    return GenerationConfig.from_pretrained(file.parent)
+
+
 def build_config(settings: TrainSettings, tokenizer: Any) -> VaswaniConfig:
     """The model config from a preset or config file, checked against the tokenizer it will read."""
     ids = {
@@ -162,7 +198,7 @@ def build_config(settings: TrainSettings, tokenizer: Any) -> VaswaniConfig:
         "decoder_start_token_id": tokenizer.bos_token_id,
     }
     if settings.config_file is not None:
-        config = VaswaniConfig.from_pretrained(settings.config_file, **settings.config_overrides)
+        config = VaswaniConfig.from_pretrained(config_json(settings.config_file), **settings.config_overrides)
         if config.vocab_size < len(tokenizer):
             raise ValueError(
                 f"The config's vocab_size ({config.vocab_size}) is smaller than the tokenizer's vocabulary "
@@ -253,7 +289,8 @@ class TrainResult:
 
 def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult | None:
     """Run the recipe: tokenizer, model, ``VaswaniTrainer``, checkpoint averaging, curves; save a model folder
-    that ``AutoModelForSeq2SeqLM`` and ``AutoTokenizer`` load (with the paper's generation config).
+    that ``AutoModelForSeq2SeqLM`` and ``AutoTokenizer`` load (with the paper's generation config, or the
+    generation_config.json next to the ``config_file``).
 
     ``callbacks`` are extra ``TrainerCallback`` s. Returns None on processes other than the main one. On a CPU
     the process gets :func:`vaswani.perf.tune_cpu_training` (allocator settings, denormals flushed to zero)."""
@@ -263,6 +300,8 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
         print(f"{settings.output_dir} holds a finished run of {finished.steps} updates; nothing to resume "
               "(a higher --max-steps trains on).")
         return finished if state.is_main_process else None
+    check_config_settings(settings)
+    generation_config = user_generation_config(settings)
     if state.device.type == "cpu":
         tune_cpu_training()
     run_id = (settings.resume and _read_run_file(settings.output_dir).get("run_id")) or uuid.uuid4().hex
@@ -290,6 +329,8 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
         model = VaswaniForConditionalGeneration.from_pretrained(resume_from)
     else:
         model = VaswaniForConditionalGeneration(config)
+    if generation_config is not None:
+        model.generation_config = generation_config
     callbacks = [*callbacks, RunIdentity(run_id)]
     if settings.max_minutes:  # with a cool-down and no step total, the cool-down ends the time budget
         fit_cooldown = bool(settings.cooldown_steps) and settings.max_steps <= 0
