@@ -355,7 +355,7 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
         trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
         train_metrics: dict[str, float] = {}
     else:
-        train_metrics = trainer.train(resume_from_checkpoint=resume_from and str(resume_from)).metrics
+        train_metrics = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
     bad_step = trainer.nonfinite.bad_step
     if bad_step is not None:
         last = last_complete_checkpoint(settings.output_dir)
