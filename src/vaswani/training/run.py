@@ -240,6 +240,10 @@ def tokenized_split(corpus: dict[str, Any], tokenizer: Any, settings: TrainSetti
     return tokenized, load_report, report
 
 
+def _trains_on_cpu() -> bool:
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available())
+
+
 def training_arguments(settings: TrainSettings, has_eval: bool) -> Seq2SeqTrainingArguments:
     """Trainer arguments for the recipe; the learning rate is the schedule itself (§5.3), so lr = 1."""
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -262,7 +266,7 @@ def training_arguments(settings: TrainSettings, has_eval: bool) -> Seq2SeqTraini
         predict_with_generate=True,
         generation_num_beams=settings.eval_beams,
         bf16=settings.bf16,
-        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        use_cpu=_trains_on_cpu(),
         seed=settings.seed,
         report_to=settings.report_to,
         disable_tqdm=not settings.progress,
@@ -295,7 +299,7 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
     ``callbacks`` are extra ``TrainerCallback`` s. Returns None on processes other than the main one. On a CPU
     the process gets :func:`vaswani.perf.tune_cpu_training` (allocator settings, denormals flushed to zero)."""
     started = time.monotonic()  # the time budget (``max_minutes``) counts from here
-    state = PartialState()
+    state = PartialState(cpu=_trains_on_cpu())  # as the Trainer will: else CPU processes do not see each other
     if (finished := finished_result(settings)) is not None:
         print(f"{settings.output_dir} holds a finished run of {finished.steps} updates; nothing to resume "
               "(a higher --max-steps trains on).")
