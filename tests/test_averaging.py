@@ -6,7 +6,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vaswani.cli import main
-from vaswani.training.averaging import average_checkpoints, collect_checkpoints, find_last_checkpoints
+from vaswani.training.averaging import RunIdentity, average_checkpoints, collect_checkpoints, find_last_checkpoints
 
 
 def _checkpoint(folder, value: float, dtype=torch.float32, **extra):
@@ -128,3 +128,35 @@ def test_cli_average(tmp_path, capsys):
         main(["average", str(run), "--last", "9", "--output", str(tmp_path / "avg2")])
     assert exit_info.value.code == 2
     assert "lower --last" in capsys.readouterr().err
+
+
+def _record_run(checkpoint, run_id: str) -> None:
+    state = {"global_step": 1, "stateful_callbacks": {"RunIdentity": RunIdentity(run_id).state()}}
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+
+
+def test_a_finished_run_folder_stands_for_its_checkpoints(tmp_path, capsys):
+    run = _run(tmp_path, steps=(100, 200, 300))
+    save_file({"encoder.weight": torch.zeros(2, 3)}, run / "model.safetensors")  # the final model of `vaswani train`
+    assert [p.name for p in collect_checkpoints([run], last=2)] == ["checkpoint-200", "checkpoint-300"]
+    main(["average", str(run), "--output", str(tmp_path / "avg")])
+    assert "averaged 3 checkpoints" in capsys.readouterr().out
+    torch.testing.assert_close(
+        load_file(tmp_path / "avg" / "model.safetensors")["encoder.weight"], torch.full((2, 3), 2.0)
+    )
+
+
+def test_checkpoints_of_different_runs_are_refused_unless_forced(tmp_path, capsys):
+    a, b = _checkpoint(tmp_path / "a" / "checkpoint-10", 1.0), _checkpoint(tmp_path / "b" / "checkpoint-10", 3.0)
+    with pytest.raises(ValueError, match="come from 2 different runs"):
+        average_checkpoints([a, b], tmp_path / "avg")  # no run ids: told apart by their run folders
+    _record_run(a, "run-1")
+    _record_run(b, "run-2")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["average", str(a), str(b), "--output", str(tmp_path / "avg")])
+    assert exit_info.value.code == 2 and "--force" in capsys.readouterr().err
+    main(["average", str(a), str(b), "--output", str(tmp_path / "avg"), "--force"])
+    averaged = load_file(tmp_path / "avg" / "model.safetensors")
+    torch.testing.assert_close(averaged["encoder.weight"], torch.full((2, 3), 2.0))
+    _record_run(b, "run-1")  # the same run id: checkpoints of one run, wherever they were copied
+    average_checkpoints([a, b], tmp_path / "avg2")

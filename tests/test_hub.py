@@ -22,6 +22,8 @@ def folder(tmp_path_factory):
     folder = make_model_folder(tmp_path_factory.mktemp("model"))
     (folder / "optimizer.pt").write_bytes(b"not for the hub")
     (folder / "checkpoint-100").mkdir()
+    (folder / "my_notes.py").write_text('HF_TOKEN = "hf_secret"\n')  # stray files: neither model nor its code
+    (folder / "x.safetensors").write_bytes(b"not the model")
     return folder
 
 
@@ -62,6 +64,13 @@ def test_files_to_upload_is_an_allow_list(folder, tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
         files_to_upload(tmp_path)
+    partial = tmp_path / "partial"  # the code modeling.py imports is missing: trust_remote_code would fail
+    partial.mkdir()
+    for path in files_to_upload(folder):
+        if path.name != "decoding.py":
+            (partial / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(FileNotFoundError, match="lacks decoding.py"):
+        files_to_upload(partial)
 
 
 def test_vaswani_push_sends_exactly_the_model_files_and_a_card(folder, tmp_path):
@@ -73,6 +82,9 @@ def test_vaswani_push_sends_exactly_the_model_files_and_a_card(folder, tmp_path)
             capture_output=True, text=True, env=_hub_env(hub), timeout=300,
         )
         assert result.returncode == 0, result.stderr[-3000:]
+    listed = result.stdout.split("\n", 1)[0]
+    assert listed.startswith("uploading to me/vaswani-tiny: ") and "model.safetensors" in listed
+    assert "my_notes.py" not in listed and "x.safetensors" not in listed
     assert hub.created == [{"name": "vaswani-tiny", "organization": "me", "visibility": "private"}]
     sent = hub.files["me/vaswani-tiny"]
     assert set(sent) == MODEL_FILES | CODE_FILES | {"README.md"}

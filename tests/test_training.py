@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, TrainerControl, TrainerState, TrainingArguments
 
+from vaswani.cli import main
+from vaswani.training.averaging import run_of
 from vaswani.training.numbers import make_number_corpus, write_parallel_corpus
 from vaswani.training.run import TrainSettings, train
 from vaswani.training.schedule import get_noam_schedule, noam_lr, paper_adam
@@ -87,6 +89,8 @@ def test_train_produces_a_loadable_model_folder(corpus_dir, tmp_path):
     assert torch.allclose(final[key], (a[key] + b[key]) / 2, atol=1e-6)
     log = json.loads((out / "vaswani_run.json").read_text())
     assert log["result"]["steps"] == 6
+    # every checkpoint records the run it belongs to, so averaging can refuse to mix runs
+    assert run_of(out / "checkpoint-3") == run_of(out / "checkpoint-6") == log["run_id"]
 
 
 def _run_on_a_fake_clock(monkeypatch, seconds_per_update, budget_minutes=1.0, cooldown=20, max_steps=10**6):
@@ -173,6 +177,53 @@ def test_bad_input_is_refused(corpus_dir, tmp_path):
         train(settings_for(corpus_dir, tmp_path / "b", train_corpus={"source": empty, "target": empty}))
 
 
+def test_overwrite_deletes_only_an_earlier_run(corpus_dir, tmp_path, monkeypatch, capsys):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.txt").write_text("years of work")
+    with pytest.raises(ValueError, match="does not look like an earlier `vaswani train` run"):
+        train(settings_for(corpus_dir, notes, overwrite=True))
+    holding = tmp_path / "holding"  # looks like a run, but the corpus is inside it
+    shutil.copytree(corpus_dir, holding)
+    (holding / "vaswani_run.json").write_text("{}")
+    corpus = {"source": holding / "train.en", "target": holding / "train.de"}
+    with pytest.raises(ValueError, match="an input of this run"):
+        train(settings_for(corpus_dir, holding, train_corpus=corpus, overwrite=True))
+    monkeypatch.chdir(holding)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--source", str(corpus_dir / "train.en"), "--target", str(corpus_dir / "train.de"),
+              "--output", ".", "--overwrite", "--preset", "tiny", "--report-to", "none", "--no-progress"])
+    assert exit_info.value.code == 2
+    assert "the current folder" in capsys.readouterr().err
+    assert (notes / "thesis.txt").read_text() == "years of work"
+    assert (holding / "train.en").read_bytes() == (corpus_dir / "train.en").read_bytes()
+    run = tmp_path / "run"
+    train(settings_for(corpus_dir, run, max_steps=3))
+    (run / "checkpoint-3" / "stale").write_text("from the first run")
+    assert train(settings_for(corpus_dir, run, max_steps=3, overwrite=True)).steps == 3
+    assert not (run / "checkpoint-3" / "stale").exists()
+
+
+def test_resume_never_trains_past_the_end(corpus_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(settings_for(corpus_dir, out))
+    final = (out / "model.safetensors").read_bytes()
+    assert train(settings_for(corpus_dir, out, resume=True)).steps == 6
+    assert "finished run of 6 updates; nothing to resume" in capsys.readouterr().out
+    assert (out / "model.safetensors").read_bytes() == final
+    # killed after checkpoint-6 but before the final save: the run file has no result, no final model
+    (out / "model.safetensors").unlink()
+    record = json.loads((out / "vaswani_run.json").read_text())
+    del record["result"]
+    (out / "vaswani_run.json").write_text(json.dumps(record))
+    assert train(settings_for(corpus_dir, out, resume=True)).steps == 6
+    assert "finishing the run without training" in capsys.readouterr().out
+    last = load_file(out / "checkpoint-6" / "model.safetensors")
+    finished = load_file(out / "model.safetensors")
+    assert all(torch.equal(finished[key], last[key]) for key in last)
+    assert json.loads((out / "vaswani_run.json").read_text())["result"]["steps"] == 6
+
+
 def test_config_contradicting_tokenizer(corpus_dir, tmp_path):
     from vaswani import VaswaniConfig
 
@@ -182,6 +233,35 @@ def test_config_contradicting_tokenizer(corpus_dir, tmp_path):
     VaswaniConfig(vocab_size=400, eos_token_id=5, **TINY).save_pretrained(tmp_path / "cfg2")
     with pytest.raises(ValueError, match="eos_token_id=5 but the tokenizer has 3"):
         train(settings_for(corpus_dir, tmp_path / "d", config_file=tmp_path / "cfg2"))
+
+
+def test_config_mistakes_are_errors_naming_the_nearest_key(corpus_dir, tmp_path):
+    from vaswani import VaswaniConfig
+    from vaswani.configuration import check_config_dict
+
+    out = tmp_path / "out"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="there is no .*config.json"):  # not the 63M-parameter base model
+        train(settings_for(corpus_dir, out, config_file=tmp_path / "empty"))
+    with pytest.raises(ValueError, match="--set: unknown key 'dropuot'; did you mean 'dropout'"):
+        train(settings_for(corpus_dir, out, config_overrides={**TINY, "dropuot": 0.3}))
+    config = tmp_path / "cfg"
+    VaswaniConfig(vocab_size=400, **TINY).save_pretrained(config)  # auto_map, dtype, transformers_version, ...
+    saved = json.loads((config / "config.json").read_text())
+    (config / "config.json").write_text(json.dumps({**saved, "encoder_layres": 4}))
+    with pytest.raises(ValueError, match="unknown key 'encoder_layres'; did you mean 'encoder_layers'"):
+        train(settings_for(corpus_dir, out, config_file=config))
+    (config / "config.json").write_text(json.dumps(saved))
+    (config / "generation_config.json").write_text(json.dumps({"num_beam": 2}))
+    with pytest.raises(ValueError, match="unknown key 'num_beam'; did you mean 'num_beams'"):
+        train(settings_for(corpus_dir, out, config_file=config))
+    assert not out.exists()  # refused before anything was written
+    (config / "generation_config.json").write_text(json.dumps({"num_beams": 2, "max_len_b": 9}))
+    train(settings_for(corpus_dir, out, config_file=config, max_steps=1))
+    model = AutoModelForSeq2SeqLM.from_pretrained(out)
+    assert (model.config.d_model, model.generation_config.num_beams, model.generation_config.max_len_b) == (32, 2, 9)
+    with pytest.warns(UserWarning, match="a 'marian' config.*static_position_embeddings are ignored"):
+        check_config_dict({"model_type": "marian", "d_model": 32, "static_position_embeddings": True}, "config.json")
 
 
 def test_non_finite_loss_stops_without_saving():

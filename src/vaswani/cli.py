@@ -35,6 +35,7 @@ def _add_average(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--last", type=int, help="average only the last N checkpoints (paper: 5 base, 20 big)")
     p.add_argument("--output", type=Path, required=True, help="folder for the averaged model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing averaged model.safetensors")
+    p.add_argument("--force", action="store_true", help="average checkpoints of different runs all the same")
     p.set_defaults(func=_run_average)
 
 
@@ -42,7 +43,7 @@ def _run_average(args: argparse.Namespace) -> None:
     from .training.averaging import average_checkpoints, collect_checkpoints
 
     checkpoints = collect_checkpoints(args.paths, args.last)
-    output = average_checkpoints(checkpoints, args.output, overwrite=args.overwrite)
+    output = average_checkpoints(checkpoints, args.output, overwrite=args.overwrite, force=args.force)
     print(f"averaged {len(checkpoints)} checkpoints ({', '.join(str(c) for c in checkpoints)}) into {output}")
 
 

@@ -108,8 +108,10 @@ def _add_push(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_push(args: argparse.Namespace) -> None:
-    from .hub import CardInfo, push_model_folder
+    from .hub import CardInfo, files_to_upload, push_model_folder
 
+    names = [path.name for path in files_to_upload(args.model_dir)] + ["README.md (generated model card)"]
+    print(f"uploading to {args.repo_id}: {', '.join(names)}", flush=True)
     info = CardInfo(
         source_lang=args.source_lang, target_lang=args.target_lang, dataset=args.dataset,
         dataset_name=args.test_set, bleu=args.bleu, license=args.license,

@@ -7,6 +7,9 @@ them; the docstring maps each to the paper's symbol.
 
 from __future__ import annotations
 
+import difflib
+import warnings
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -200,6 +203,55 @@ class VaswaniConfig(PreTrainedConfig):
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})
+
+
+#: Keys transformers writes into a config.json besides the config class's own fields.
+WRITTEN_BY_TRANSFORMERS = (
+    "_name_or_path", "architectures", "auto_map", "custom_pipelines", "dtype", "model_type", "torch_dtype",
+    "transformers_version",
+)
+
+
+def known_config_keys() -> set[str]:
+    """Every key a ``VaswaniConfig`` understands: its fields and aliases and the standard ``PreTrainedConfig``
+    ones (``architectures``, ``auto_map``, ``dtype``, ...) that transformers reads and writes."""
+    keys = set(VaswaniConfig().to_dict()) | set(VaswaniConfig.attribute_map) | set(WRITTEN_BY_TRANSFORMERS)
+    for cls in VaswaniConfig.__mro__:
+        keys |= {name for name in getattr(cls, "__annotations__", {}) if not name.startswith("_")}
+    return keys
+
+
+def known_generation_keys() -> set[str]:
+    """Every key a generation_config.json may hold: transformers' ``GenerationConfig`` and the paper's decoding."""
+    from transformers import GenerationConfig
+
+    from .generation import PAPER_DECODING_FIELDS
+
+    return set(GenerationConfig().to_dict()) | set(PAPER_DECODING_FIELDS) | {"decoding_loop"}
+
+
+def check_known_keys(keys: Iterable[str], known: Collection[str], where: str) -> None:
+    """Raise ``ValueError`` for the first key not in ``known``, naming the nearest known one: a misspelt
+    setting would otherwise be stored and ignored, and the run would train (or decode) something else."""
+    for key in keys:
+        if key not in known:
+            nearest = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"did you mean {nearest[0]!r}?" if nearest else "remove it or check the spelling."
+            raise ValueError(f"{where}: unknown key {key!r}; {hint}")
+
+
+def check_config_dict(config: Mapping[str, Any], where: str) -> None:
+    """Unknown keys of a Vaswani config.json are errors; a config.json of another model type (written by
+    another tool) only gets a warning listing the keys that will be ignored."""
+    if config.get("model_type", VaswaniConfig.model_type) == VaswaniConfig.model_type:
+        check_known_keys(config, known_config_keys(), where)
+        return
+    if ignored := sorted(set(config) - known_config_keys()):
+        warnings.warn(
+            f"{where} is a {config['model_type']!r} config, not a Vaswani one; its keys {', '.join(ignored)} "
+            "are ignored.",
+            stacklevel=2,
+        )
 
 
 def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:

@@ -3,9 +3,10 @@
 ``vaswani push MODEL_DIR REPO_ID`` uploads, in one commit: ``model*.safetensors`` (and the shard index),
 ``config.json``, ``generation_config.json``, the tokenizer files, the model code that ``save_pretrained``
 copied (``configuration.py``, ``modeling.py``, ``generation.py``, ``decoding.py``, ``pipeline.py``,
-``tokenization.py``, so ``trust_remote_code=True`` works without the package) and ``README.md``, a model card
-with the Hub's metadata header (languages, license, datasets, BLEU as a model-index result) and the training recipe.
-Nothing else in the folder (checkpoints, optimizer state, logs) is sent.
+``tokenization.py``: the modules ``auto_map`` names and what they import, so ``trust_remote_code=True`` works
+without the package) and ``README.md``, a model card with the Hub's metadata header (languages, license,
+datasets, BLEU as a model-index result) and the training recipe. Nothing else in the folder (checkpoints,
+optimizer state, logs, other ``.py`` or ``.safetensors`` files) is sent.
 """
 
 from __future__ import annotations
@@ -17,19 +18,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: Files of a model folder that are uploaded (glob patterns, matched against names in the folder's top level).
+#: Files of a model folder that are uploaded (glob patterns, matched against names in the folder's top level);
+#: the model's code files are added by :func:`code_files`.
 UPLOAD_PATTERNS = (
     "config.json",
     "generation_config.json",
-    "*.safetensors",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
     "model.safetensors.index.json",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "vocab.json",
     "merges.txt",
-    "*.spm",
-    "*.py",
+    "source.spm",
+    "target.spm",
 )
 RUN_FILE = "vaswani_run.json"  # written by `vaswani train`: its settings and results go into the card
 
@@ -52,10 +55,10 @@ def files_to_upload(model_dir: str | os.PathLike[str]) -> list[Path]:
     folder = Path(model_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
-    files = sorted(
+    files = [
         path for path in folder.iterdir()
         if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in UPLOAD_PATTERNS)
-    )
+    ]
     names = {path.name for path in files}
     if "config.json" not in names:
         raise FileNotFoundError(f"{folder} has no config.json; save the model there with model.save_pretrained().")
@@ -68,14 +71,31 @@ def files_to_upload(model_dir: str | os.PathLike[str]) -> list[Path]:
         raise FileNotFoundError(
             f"{folder} has no tokenizer; save it next to the model: tokenizer.save_pretrained('{folder}')."
         )
-    auto_map = json.loads((folder / "config.json").read_text()).get("auto_map", {})
-    needed = {f"{ref.split('.')[0]}.py" for ref in auto_map.values() if isinstance(ref, str)}
-    if missing := sorted(needed - names):
-        raise FileNotFoundError(
-            f"{folder} lacks {', '.join(missing)}, which config.json's auto_map points to (trust_remote_code would "
-            "fail); save the model again with the vaswani package installed."
-        )
-    return files
+    return sorted(files + code_files(folder))
+
+
+def code_files(folder: Path) -> list[Path]:
+    """The model's own code: the modules the ``auto_map`` of config.json and tokenizer_config.json name, and
+    the modules they import relatively (as ``trust_remote_code`` loads them); other ``.py`` files stay home."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    refs = []
+    for name in ("config.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            for ref in json.loads((folder / name).read_text()).get("auto_map", {}).values():
+                refs += ref if isinstance(ref, list) else [ref]
+    pending = {f"{ref.split('.')[0]}.py" for ref in refs if isinstance(ref, str)}
+    found: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if not (folder / name).is_file():
+            raise FileNotFoundError(
+                f"{folder} lacks {name}, which the model's auto_map needs (trust_remote_code would fail); save the "
+                "model again with the vaswani package installed."
+            )
+        found.add(name)
+        pending |= {f"{module}.py" for module in get_relative_imports(folder / name)} - found
+    return [folder / name for name in found]
 
 
 def _card_info_from_run(folder: Path, info: CardInfo) -> CardInfo:

@@ -1,7 +1,9 @@
 """Checkpoint averaging (Vaswani et al. 2017, §6.1: the last 5 checkpoints for base, the last 20 for big).
 
 Works on Hugging Face model folders such as the Trainer's ``checkpoint-<step>`` folders. Weights are read
-and written with ``safetensors.torch`` only (nothing is unpickled).
+and written with ``safetensors.torch`` only (nothing is unpickled). Averaging only means something along one
+run's trajectory: ``vaswani train`` records its run id in every checkpoint (:class:`RunIdentity`), and
+checkpoints of different runs are refused unless forced.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 WEIGHTS_NAME = "model.safetensors"
 _CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
@@ -31,7 +35,27 @@ _SKIP_PATTERNS = (
 )
 
 
-def _numbered_checkpoints(run_dir: Path) -> list[Path]:
+class RunIdentity(TrainerCallback, ExportableState):
+    """Writes the run's id into each checkpoint's ``trainer_state.json`` (its ``stateful_callbacks``)."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def state(self) -> dict:  # noqa: D102
+        return {"args": {"run_id": self.run_id}, "attributes": {}}
+
+
+def run_of(checkpoint: Path) -> str:
+    """The run a checkpoint belongs to: the id :class:`RunIdentity` recorded, else the folder holding it."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        run_id = state["stateful_callbacks"][RunIdentity.__name__]["args"]["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return str(checkpoint.resolve().parent)
+    return str(run_id)
+
+
+def numbered_checkpoints(run_dir: Path) -> list[Path]:
     """``checkpoint-<step>`` folders of ``run_dir``, sorted by step (numerically)."""
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist or is not a directory")
@@ -48,7 +72,7 @@ def find_last_checkpoints(run_dir: Path, n: int) -> list[Path]:
     if n < 1:
         raise ValueError(f"the number of checkpoints to average must be >= 1, got {n}")
     run_dir = Path(run_dir)
-    checkpoints = _numbered_checkpoints(run_dir)
+    checkpoints = numbered_checkpoints(run_dir)
     if not checkpoints:
         raise FileNotFoundError(
             f"no checkpoint-<step> folders in {run_dir}; point at a Trainer output_dir that saved checkpoints"
@@ -65,20 +89,18 @@ def find_last_checkpoints(run_dir: Path, n: int) -> list[Path]:
 def collect_checkpoints(paths: Sequence[Path | str], last: int | None = None) -> list[Path]:
     """Checkpoint folders named by ``paths``, then only the last ``last`` of them (all when ``None``).
 
-    Each path is either a checkpoint (a folder with ``model.safetensors``) or a run directory, which stands
-    for its ``checkpoint-<step>`` folders in step order. Order is kept, so the newest checkpoint comes last.
+    Each path is either a run directory, which stands for its ``checkpoint-<step>`` folders in step order
+    (a finished ``vaswani train`` folder also holds the final ``model.safetensors``: the checkpoints are
+    meant), or a checkpoint (a folder with ``model.safetensors``). Order is kept, so the newest comes last.
     """
     checkpoints: list[Path] = []
     for path in map(Path, paths):
-        if (path / WEIGHTS_NAME).is_file():
-            checkpoints.append(path)
-            continue
-        numbered = _numbered_checkpoints(path)
-        if not numbered:
+        numbered = numbered_checkpoints(path) if path.is_dir() else []
+        if not numbered and not (path / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(
                 f"{path} is neither a checkpoint (no {WEIGHTS_NAME}) nor a run directory (no checkpoint-<step> folders)"
             )
-        checkpoints.extend(numbered)
+        checkpoints.extend(numbered or [path])
     if last is None:
         return checkpoints
     if last < 1:
@@ -118,8 +140,24 @@ def _check_same_layout(reference: dict[str, torch.Tensor], ref_file: Path, tenso
             )
 
 
-def average_checkpoints(paths: Sequence[Path | str], output: Path | str, overwrite: bool = False) -> Path:
+def _check_one_run(checkpoints: list[Path]) -> None:
+    first_of_run: dict[str, Path] = {}
+    for checkpoint in checkpoints:
+        first_of_run.setdefault(run_of(checkpoint), checkpoint)
+    if len(first_of_run) > 1:
+        examples = ", ".join(str(p) for p in list(first_of_run.values())[:3])
+        raise ValueError(
+            f"the checkpoints come from {len(first_of_run)} different runs (e.g. {examples}); averaging mixes "
+            "unrelated weights. Average the checkpoints of one run, or pass --force (force=True) if you mean it."
+        )
+
+
+def average_checkpoints(
+    paths: Sequence[Path | str], output: Path | str, overwrite: bool = False, force: bool = False
+) -> Path:
     """Average the ``model.safetensors`` weights of checkpoint folders into the model folder ``output``.
+
+    The checkpoints must come from one run (:func:`run_of`) unless ``force``.
 
     Floating-point tensors are averaged in fp32 and cast back to their dtype in the last checkpoint;
     other tensors (integer buffers) are taken from the last checkpoint. Every other file of the last
@@ -135,6 +173,8 @@ def average_checkpoints(paths: Sequence[Path | str], output: Path | str, overwri
         raise ValueError(f"output {output} is one of the checkpoints being averaged; choose a new folder")
     if (output / WEIGHTS_NAME).exists() and not overwrite:
         raise FileExistsError(f"{output / WEIGHTS_NAME} already exists; pass overwrite=True (--overwrite)")
+    if not force:
+        _check_one_run(checkpoints)
 
     reference: dict[str, torch.Tensor] = {}
     sums: dict[str, torch.Tensor] = {}

@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,13 +14,21 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from transformers import Seq2SeqTrainingArguments, TrainerCallback
+from transformers import GenerationConfig, Seq2SeqTrainingArguments, TrainerCallback, TrainerState
+from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME
 
-from ..configuration import PRESETS, VaswaniConfig
+from ..configuration import (
+    PRESETS,
+    VaswaniConfig,
+    check_config_dict,
+    check_known_keys,
+    known_config_keys,
+    known_generation_keys,
+)
 from ..modeling import VaswaniForConditionalGeneration
 from ..perf import tune_cpu_training
 from ..tokenization import load_tokenizer
-from .averaging import average_checkpoints, collect_checkpoints
+from .averaging import RunIdentity, average_checkpoints, collect_checkpoints, numbered_checkpoints
 from .data import load_parallel_corpus, tokenize_corpus, train_tokenizer_from_corpus
 from .metrics import make_compute_metrics
 from .trainer import (
@@ -74,6 +83,32 @@ class TrainSettings:
     progress: bool = True
 
 
+def _input_paths(settings: TrainSettings) -> list[Path]:
+    """The existing files and folders the run reads (corpora, tokenizer, config), resolved."""
+    corpora = [settings.train_corpus, settings.valid_corpus or {}]
+    named = [corpus.get(key) for corpus in corpora for key in ("source", "target", "dataset")]
+    named += [settings.tokenizer, settings.config_file]
+    return [Path(p).resolve() for p in named if p is not None and Path(p).exists()]
+
+
+def check_replaceable(settings: TrainSettings) -> None:
+    """``--overwrite`` deletes only an earlier run of ours (its run file or ``checkpoint-<step>`` folders),
+    never the current folder or one that holds this run's inputs: anything else could be someone's work."""
+    out = settings.output_dir
+    folder = out.resolve()
+    if Path.cwd().resolve().is_relative_to(folder):
+        raise ValueError(f"--overwrite would delete {out}, the current folder or one above it; choose a new --output.")
+    if inside := [p for p in _input_paths(settings) if p.is_relative_to(folder)]:
+        raise ValueError(
+            f"--overwrite would delete {inside[0]}, an input of this run inside {out}; choose a new --output."
+        )
+    if not ((out / RUN_FILE).is_file() or numbered_checkpoints(out)):
+        raise ValueError(
+            f"{out} does not look like an earlier `vaswani train` run (no {RUN_FILE}, no checkpoint-<step> "
+            "folders), so --overwrite leaves it alone; choose a new --output or empty it yourself."
+        )
+
+
 def prepare_output_dir(settings: TrainSettings) -> None:
     """Refuse to mix two runs in one folder: a used folder needs ``overwrite`` (start again) or ``resume``."""
     out = settings.output_dir
@@ -97,8 +132,71 @@ def prepare_output_dir(settings: TrainSettings) -> None:
             "replace it."
         )
     if used:
+        check_replaceable(settings)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _read_run_file(out: Path) -> dict[str, Any]:
+    run_file = out / RUN_FILE
+    return json.loads(run_file.read_text()) if run_file.is_file() else {}
+
+
+def write_run_file(settings: TrainSettings, run_id: str, result: TrainResult | None = None) -> None:
+    """``vaswani_run.json``: the run's id and settings from the start (it marks the folder as a run), and its
+    result once finished."""
+    record: dict[str, Any] = {
+        "run_id": run_id,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
+    }
+    if result is not None:
+        record["result"] = asdict(result)
+    (settings.output_dir / RUN_FILE).write_text(json.dumps(record, indent=2, default=str))
+
+
+def finished_result(settings: TrainSettings) -> TrainResult | None:
+    """The recorded result when ``--resume`` finds a finished run that needs no more updates, else None."""
+    result = _read_run_file(settings.output_dir).get("result")
+    if not settings.resume or result is None:
+        return None
+    if 0 < settings.max_steps and result["steps"] < settings.max_steps:
+        return None  # a higher --max-steps trains on
+    return TrainResult(**result)
+
+
+def reached_its_end(checkpoint: Path, settings: TrainSettings) -> bool:
+    """Whether a checkpoint was saved after the last update of its run (a run killed before its final save)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    wanted = settings.max_steps if settings.max_steps > 0 else state["max_steps"]
+    return state["global_step"] >= wanted
+
+
+def config_json(path: Path) -> Path:
+    """The config.json that ``--config`` names: the file itself or the one in the folder."""
+    file = path / CONFIG_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"--config {path}: there is no {file}; give a config.json or a folder that holds one.")
+    return file
+
+
+def check_config_settings(settings: TrainSettings) -> None:
+    """Misspelt ``--set`` keys and config.json keys are errors before anything is written: the model would
+    otherwise silently take the defaults."""
+    check_known_keys(settings.config_overrides, known_config_keys(), "--set")
+    if settings.config_file is not None:
+        config_file = config_json(settings.config_file)
+        check_config_dict(json.loads(config_file.read_text()), str(config_file))
+
+
+def user_generation_config(settings: TrainSettings) -> GenerationConfig | None:
+    """The generation_config.json next to ``--config``'s config.json (checked for unknown keys), if any."""
+    if settings.config_file is None:
+        return None
+    file = config_json(settings.config_file).parent / GENERATION_CONFIG_NAME
+    if not file.is_file():
+        return None
+    check_known_keys(json.loads(file.read_text()), known_generation_keys(), str(file))
+    return GenerationConfig.from_pretrained(file.parent)
 
 
 def build_config(settings: TrainSettings, tokenizer: Any) -> VaswaniConfig:
@@ -110,7 +208,7 @@ def build_config(settings: TrainSettings, tokenizer: Any) -> VaswaniConfig:
         "decoder_start_token_id": tokenizer.bos_token_id,
     }
     if settings.config_file is not None:
-        config = VaswaniConfig.from_pretrained(settings.config_file, **settings.config_overrides)
+        config = VaswaniConfig.from_pretrained(config_json(settings.config_file), **settings.config_overrides)
         if config.vocab_size < len(tokenizer):
             raise ValueError(
                 f"The config's vocab_size ({config.vocab_size}) is smaller than the tokenizer's vocabulary "
@@ -152,6 +250,10 @@ def tokenized_split(corpus: dict[str, Any], tokenizer: Any, settings: TrainSetti
     return tokenized, load_report, report
 
 
+def _trains_on_cpu() -> bool:
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available())
+
+
 def training_arguments(settings: TrainSettings, has_eval: bool) -> Seq2SeqTrainingArguments:
     """Trainer arguments for the recipe; the learning rate is the schedule itself (§5.3), so lr = 1."""
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -174,7 +276,7 @@ def training_arguments(settings: TrainSettings, has_eval: bool) -> Seq2SeqTraini
         predict_with_generate=True,
         generation_num_beams=settings.eval_beams,
         bf16=settings.bf16,
-        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        use_cpu=_trains_on_cpu(),
         seed=settings.seed,
         report_to=settings.report_to,
         disable_tqdm=not settings.progress,
@@ -201,19 +303,28 @@ class TrainResult:
 
 def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult | None:
     """Run the recipe: tokenizer, model, ``VaswaniTrainer``, checkpoint averaging, curves; save a model folder
-    that ``AutoModelForSeq2SeqLM`` and ``AutoTokenizer`` load (with the paper's generation config).
+    that ``AutoModelForSeq2SeqLM`` and ``AutoTokenizer`` load (with the paper's generation config, or the
+    generation_config.json next to the ``config_file``).
 
     ``callbacks`` are extra ``TrainerCallback`` s. Returns None on processes other than the main one. On a CPU
     the process gets :func:`vaswani.perf.tune_cpu_training` (allocator settings, denormals flushed to zero)."""
     started = time.monotonic()  # the time budget (``max_minutes``) counts from here
     if settings.warmup_steps < 1:  # before any tokenizing: the schedule divides by it
         raise ValueError(f"--warmup-steps must be >= 1 (paper: 4,000), got {settings.warmup_steps}")
-    state = PartialState()
+    state = PartialState(cpu=_trains_on_cpu())  # as the Trainer will: else CPU processes do not see each other
+    if (finished := finished_result(settings)) is not None:
+        print(f"{settings.output_dir} holds a finished run of {finished.steps} updates; nothing to resume "
+              "(a higher --max-steps trains on).")
+        return finished if state.is_main_process else None
+    check_config_settings(settings)
+    generation_config = user_generation_config(settings)
     if state.device.type == "cpu":
         tune_cpu_training()
+    run_id = (settings.resume and _read_run_file(settings.output_dir).get("run_id")) or uuid.uuid4().hex
     with state.main_process_first():  # one process prepares the folder and the tokenizer, the others load it
         if state.is_main_process:
             prepare_output_dir(settings)
+            write_run_file(settings, run_id)
             tokenizer = get_tokenizer(settings)
         else:
             tokenizer = load_tokenizer(settings.output_dir)
@@ -227,8 +338,18 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
         "tokens dropped)"
     )
 
+    resume_from = last_complete_checkpoint(settings.output_dir) if settings.resume else None
+    if resume_from is not None:
+        check_resumable(config, resume_from)
+    ended = resume_from is not None and reached_its_end(resume_from, settings)
     torch.manual_seed(settings.seed)
-    model = VaswaniForConditionalGeneration(config)
+    if ended:
+        model = VaswaniForConditionalGeneration.from_pretrained(resume_from)
+    else:
+        model = VaswaniForConditionalGeneration(config)
+    if generation_config is not None:
+        model.generation_config = generation_config
+    callbacks = [*callbacks, RunIdentity(run_id)]
     if settings.max_minutes:  # with a cool-down and no step total, the cool-down ends the time budget
         fit_cooldown = bool(settings.cooldown_steps) and settings.max_steps <= 0
         callbacks = [*callbacks, TimeBudget(settings.max_minutes, fit_cooldown, started)]
@@ -247,11 +368,14 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
         cooldown_steps=settings.cooldown_steps,
         label_smoothing=settings.label_smoothing,
     )
-    resume_from = last_complete_checkpoint(settings.output_dir) if settings.resume else None
-    if resume_from is not None:
-        check_resumable(config, resume_from)
-    with explained_stops(settings.output_dir):
-        output = trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
+    if ended:  # killed between its last checkpoint and the final save: finish without another update
+        print(f"{resume_from} was saved after the run's last update; finishing the run without training.")
+        trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
+        train_metrics: dict[str, float] = {}
+    else:
+        with explained_stops(settings.output_dir):
+            resume = str(resume_from) if resume_from else None
+            train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
     bad_step = trainer.nonfinite.bad_step
     if bad_step is not None:
         raise ValueError(
@@ -265,7 +389,8 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
     if settings.average_last > 1:  # §6.1: average the last N checkpoints
         # a run stopped by its time budget may have saved fewer: average what there is (all of them)
         checkpoints = collect_checkpoints([settings.output_dir])[-settings.average_last :]
-        averaged_dir = average_checkpoints(checkpoints, settings.output_dir / "averaged", overwrite=True)
+        # this folder holds one run; checkpoints saved before run ids were recorded lack one (force)
+        averaged_dir = average_checkpoints(checkpoints, settings.output_dir / "averaged", overwrite=True, force=True)
         model = VaswaniForConditionalGeneration.from_pretrained(averaged_dir)
         trainer.model = model
         shutil.rmtree(averaged_dir)
@@ -276,8 +401,8 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
 
     eval_metrics = trainer.evaluate() if valid_set is not None else {}
     train_tokens = sum(len(x) for x in train_set["labels"])
-    seconds = output.metrics.get("train_runtime", 0.0)
-    epochs_done = output.metrics.get("epoch", trainer.state.epoch or 0.0)
+    seconds = train_metrics.get("train_runtime", 0.0)
+    epochs_done = train_metrics.get("epoch", trainer.state.epoch or 0.0)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     result = TrainResult(
         output_dir=str(settings.output_dir),
@@ -292,10 +417,7 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
         world_size=trainer.args.world_size,
     )
     plot_training_curves(trainer.state.log_history, settings.output_dir / "training_curves.png")
-    settings_record = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}
-    (settings.output_dir / RUN_FILE).write_text(
-        json.dumps({"settings": settings_record, "result": asdict(result)}, indent=2, default=str)
-    )
+    write_run_file(settings, run_id, result)
     return result
 
 
