@@ -138,7 +138,7 @@ def test_truncated_weights_name_the_file(folder, tmp_path, capsys, size):
 def test_truncated_weights_in_any_command_give_a_message(folder, tmp_path, capsys):
     broken = _copy(folder, tmp_path / "broken")
     os.truncate(broken / "model.safetensors", 5000)
-    message = _error_of(["average", broken, folder, "--output", tmp_path / "averaged"], capsys)
+    message = _error_of(["average", broken, folder, "--output", tmp_path / "averaged", "--force"], capsys)
     assert "a .safetensors weights file is truncated or damaged" in message
 
 

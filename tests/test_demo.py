@@ -2,7 +2,9 @@
 
 from pathlib import Path
 
-from vaswani.training.demo import DemoResult, exact_match_by_digits, print_demo
+import pytest
+
+from vaswani.training.demo import SCORING_MINUTES, DemoResult, exact_match_by_digits, print_demo, run_demo
 
 
 def test_exact_match_by_digits_groups_by_length():
@@ -18,6 +20,7 @@ def test_print_demo_reports_every_score(capsys):
         exact_match=0.975,
         test_sentences=1000,
         train_minutes=2.5,
+        total_minutes=2.8,
         steps=2500,
         examples=[("forty-two", "zweiundvierzig", "zweiundvierzig"), ("ten", "zehntausend", "zehn")],
         num_beams=1,
@@ -32,4 +35,9 @@ def test_print_demo_reports_every_score(capsys):
     assert "by length: 3 digits 100.0%, 4 digits 99.0%, 5 digits 96.0%, 6 digits 95.0%" in out
     assert "65 numbers people type" in out and "98.5%" in out
     assert "missed: ten → zehntausend (should be zehn)" in out
-    assert "exact match on 1000 held-out numbers: 97.5% (beam 1; trained 2500 steps in 2.5 min)" in out
+    assert "exact match on 1000 held-out numbers: 97.5% (beam 1; trained 2500 steps in 2.5 min, 2.8 min in all)" in out
+
+
+def test_demo_budget_must_leave_time_to_score(tmp_path):
+    with pytest.raises(ValueError, match="--minutes must be above"):
+        run_demo(tmp_path, minutes=SCORING_MINUTES)

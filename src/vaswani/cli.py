@@ -227,7 +227,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train on built-in English→German number words, translate, show results")
     p.add_argument("--output", type=Path, default=Path("outputs/demo"), help="where data, model and plot go")
     p.add_argument("--minutes", type=float, default=3.0,
-                   help="time limit of training, tokenizer and data preparation included (default 3)")
+                   help="time limit of the whole demo: corpus, tokenizer, training and scoring (default 3)")
     p.add_argument("--max-steps", type=int, default=2500, help="training updates (default 2500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

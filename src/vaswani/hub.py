@@ -1,12 +1,12 @@
 """Sharing a model folder on the Hugging Face Hub: the files that go up and a generated model card.
 
 ``vaswani push MODEL_DIR REPO_ID`` uploads, in one commit: ``model*.safetensors`` (and the shard index),
-``config.json``, ``generation_config.json``, the tokenizer files, the model code that ``save_pretrained``
-copied (``configuration.py``, ``modeling.py``, ``generation.py``, ``decoding.py``, ``pipeline.py``,
-``tokenization.py``: the modules ``auto_map`` names and what they import, so ``trust_remote_code=True`` works
-without the package) and ``README.md``, a model card with the Hub's metadata header (languages, license,
-datasets, BLEU as a model-index result) and the training recipe. Nothing else in the folder (checkpoints,
-optimizer state, logs, other ``.py`` or ``.safetensors`` files) is sent.
+``config.json``, ``generation_config.json``, the tokenizer files (a plain ``PreTrainedTokenizerFast``, so
+``AutoTokenizer`` needs no remote code), the model code that ``save_pretrained`` copied (``configuration.py``,
+``modeling.py``, ``generation.py``, ``decoding.py``, ``pipeline.py``: the modules ``auto_map`` names and what
+they import, so ``trust_remote_code=True`` works without the package) and ``README.md``, a model card with the
+Hub's metadata header (languages, license, datasets, BLEU as a model-index result) and the training recipe.
+Nothing else in the folder (checkpoints, optimizer state, logs, other ``.py`` or ``.safetensors`` files) is sent.
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ Without it, through the code shipped in this repository:
 ```python
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
 
-tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
 model = AutoModelForSeq2SeqLM.from_pretrained("{repo_id}", trust_remote_code=True)
 batch = tokenizer(["{sample}"], return_tensors="pt", padding=True)
 print(tokenizer.batch_decode(model.generate(**batch), skip_special_tokens=True))

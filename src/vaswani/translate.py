@@ -59,11 +59,12 @@ def _check_model_type(config_file: Path) -> None:
 
 
 def check_weights(folder: str | os.PathLike[str]) -> None:
-    """Refuse ``*.safetensors`` files in ``folder`` that are cut short or not safetensors, naming the file
-    (loading them fails with a bare ``SafetensorError``). Reads only the headers."""
+    """Refuse model weight files in ``folder`` (``model.safetensors`` or its shards ``model-*.safetensors``)
+    that are cut short or not safetensors, naming the file (loading them fails with a bare
+    ``SafetensorError``). Reads only the headers; other ``.safetensors`` files are not the model's."""
     from safetensors import SafetensorError, safe_open
 
-    for file in sorted(Path(folder).glob("*.safetensors")):
+    for file in sorted(Path(folder).glob("model*.safetensors")):
         try:
             with safe_open(str(file), framework="pt"):
                 pass
