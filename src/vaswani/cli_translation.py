@@ -1,4 +1,5 @@
-"""``vaswani translate``, ``vaswani push`` and ``vaswani convert marian`` (sub-commands of :mod:`vaswani.cli`)."""
+"""``vaswani translate``, ``vaswani push``, ``vaswani convert marian`` and ``vaswani export marian`` (sub-commands of
+:mod:`vaswani.cli`)."""
 
 from __future__ import annotations
 
@@ -147,4 +148,29 @@ def _run_convert_marian(args: argparse.Namespace) -> None:
     print(f"converted {args.source} ({model.num_parameters():,} parameters) into {args.output}")
 
 
-TRANSLATION_COMMANDS = [_add_translate, _add_push, _add_convert]
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a Vaswani model folder for other engines")
+    esub = p.add_subparsers(dest="export_command", required=True)
+    m = esub.add_parser(
+        "marian", help="a Vaswani folder → a MarianMTModel folder that plain transformers loads (no remote code)"
+    )
+    m.add_argument("model", help="Vaswani model folder (with its tokenizer) or Hub id")
+    m.add_argument("output", help="new folder for the MarianMTModel and its tokenizer")
+    m.add_argument("--overwrite", action="store_true", help="replace a model already in the output folder")
+    m.set_defaults(func=_run_export_marian)
+
+
+def _run_export_marian(args: argparse.Namespace) -> None:
+    import warnings
+
+    from .convert import export_marian
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        marian = export_marian(args.model, args.output, overwrite=args.overwrite)
+    for warning in caught:
+        print(f"note: {warning.message}", file=sys.stderr)
+    print(f"exported {args.model} ({marian.num_parameters():,} parameters) as a MarianMTModel into {args.output}")
+
+
+TRANSLATION_COMMANDS = [_add_translate, _add_push, _add_convert, _add_export]

@@ -4,16 +4,25 @@ Marian is the same architecture (post-norm, sinusoidal positions, tied embedding
 that the Vaswani config expresses: ``[sin | cos]`` positions (``sinusoid_layout="concatenated"``), a bias
 on the output projection (``lm_head_bias``) and, in OPUS-MT, the swish activation. Weights are renamed,
 not changed, so the converted model computes the same function.
+
+The other way (``vaswani export marian``), the paper's interleaved positions (sin on even, cos on odd
+dimensions) are a fixed permutation of Marian's ``[sin | cos]``. Permuting the model dimension (the residual
+stream) everywhere at once (embeddings, every matrix that reads from or writes to it, the LayerNorms) computes
+the same function, so an interleaved model exports exactly too.
 """
 
 from __future__ import annotations
 
 import re
+import tempfile
+import warnings
+from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, MarianConfig, MarianMTModel
 
 from .configuration import VaswaniConfig
+from .generation import PAPER_DECODING_FIELDS
 from .modeling import VaswaniForConditionalGeneration
 
 #: (Marian name fragment, Vaswani name fragment); applied in order, each regex anchored on dots.
@@ -82,16 +91,20 @@ def vaswani_config_from_marian(config: MarianConfig) -> VaswaniConfig:
     return VaswaniConfig(**_shared_fields(config), sinusoid_layout="concatenated", lm_head_bias=True)
 
 
+#: Marian's LayerNorms use torch's default epsilon.
+_MARIAN_LAYER_NORM_EPS = 1e-5
+
+
 def marian_config_from_vaswani(config: VaswaniConfig) -> MarianConfig:
-    """The Marian config for a Vaswani model; refuses options Marian does not have (pre-norm, learned or
-    interleaved positions)."""
+    """The Marian config for a Vaswani model; refuses options Marian does not have (pre-norm, learned
+    positions, another LayerNorm epsilon). Either sinusoid layout is fine (see :func:`residual_permutation`)."""
     problems = []
     if config.normalize_before:
         problems.append("normalize_before=True (Marian is post-norm)")
-    if config.position_embedding_type != "sinusoidal" or config.sinusoid_layout != "concatenated":
-        problems.append(
-            f"positions {config.position_embedding_type}/{config.sinusoid_layout} (Marian has concatenated sinusoids)"
-        )
+    if config.position_embedding_type != "sinusoidal":
+        problems.append(f"{config.position_embedding_type} positions (Marian has fixed sinusoids)")
+    if config.layer_norm_eps != _MARIAN_LAYER_NORM_EPS:
+        problems.append(f"layer_norm_eps={config.layer_norm_eps} (Marian's LayerNorms use {_MARIAN_LAYER_NORM_EPS})")
     if problems:
         raise ValueError("Cannot export to Marian: " + "; ".join(problems) + ".")
     return MarianConfig(**_shared_fields(config), forced_eos_token_id=None)
@@ -116,11 +129,55 @@ def marian_to_vaswani(marian: MarianMTModel) -> VaswaniForConditionalGeneration:
     return model.eval()
 
 
+def residual_permutation(config: VaswaniConfig) -> torch.Tensor | None:
+    """Marian's dimension ``j`` of the model dimension is ours ``permutation[j]``: ``[0, 2, 4, ..., 1, 3, 5, ...]``
+    puts the interleaved sines (even) and cosines (odd) into Marian's ``[sin | cos]``. None when no permutation
+    is needed (concatenated layout)."""
+    if config.sinusoid_layout == "concatenated":
+        return None
+    return torch.cat((torch.arange(0, config.d_model, 2), torch.arange(1, config.d_model, 2)))
+
+
+#: (name ending, axes along the model dimension) for every Vaswani weight: the residual stream is read by the
+#: embeddings' rows (and the tied output layer), by Q/K/V and fc1 (their inputs), written by out_proj and fc2
+#: (their outputs and biases) and normalised by the LayerNorms; the other biases and the output bias lie elsewhere.
+_RESIDUAL_AXES = (
+    (r"(shared|embed_tokens|lm_head)\.weight", (1,)),
+    (r"(q_proj|k_proj|v_proj|fc1)\.weight", (1,)),
+    (r"(out_proj|fc2)\.(weight|bias)", (0,)),
+    (r"layer_norm\.(weight|bias)", (0,)),
+    (r"(q_proj|k_proj|v_proj|fc1|lm_head)\.bias", ()),
+)
+
+
+def _residual_axes(name: str) -> tuple[int, ...]:
+    for pattern, axes in _RESIDUAL_AXES:
+        if re.search(rf"(^|\.){pattern}$", name):
+            return axes
+    raise ValueError(f"Cannot export to Marian: weight {name!r} has no Marian counterpart.")
+
+
+def permute_residual_stream(state: dict[str, torch.Tensor], permutation: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``state`` with the model dimension of every weight reordered by ``permutation`` (same function)."""
+    permuted = {}
+    for name, tensor in state.items():
+        for axis in _residual_axes(name):
+            tensor = tensor.index_select(axis, permutation.to(tensor.device))
+        permuted[name] = tensor
+    return permuted
+
+
 def vaswani_to_marian(model: VaswaniForConditionalGeneration) -> MarianMTModel:
-    """A transformers ``MarianMTModel`` with the weights of ``model`` (e.g. for CTranslate2's converter)."""
+    """A transformers ``MarianMTModel`` with the weights of ``model``, computing the same function (for
+    ``vaswani export marian`` and CTranslate2's converter); interleaved positions become Marian's ``[sin | cos]``
+    by :func:`permute_residual_stream`."""
     marian = MarianMTModel(marian_config_from_vaswani(model.config)).to(model.dtype)
+    weights = model.state_dict()
+    permutation = residual_permutation(model.config)
+    if permutation is not None:
+        weights = permute_residual_stream(weights, permutation)
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in weights.items():
         if name == "lm_head.bias":
             state["final_logits_bias"] = tensor.reshape(1, -1)
         else:
@@ -128,8 +185,33 @@ def vaswani_to_marian(model: VaswaniForConditionalGeneration) -> MarianMTModel:
     if "final_logits_bias" not in state:
         state["final_logits_bias"] = torch.zeros(1, model.config.decoder_vocab_size, dtype=model.dtype)
     _load_exactly(marian, state)
-    marian.generation_config = GenerationConfig.from_dict(model.generation_config.to_dict())
+    marian.generation_config = marian_generation_config(model.generation_config, model.config)
     return marian.eval()
+
+
+def marian_generation_config(generation_config: GenerationConfig, config: VaswaniConfig) -> GenerationConfig:
+    """``generation_config`` for transformers' own ``generate()``: beam size, length penalty α, special ids and
+    early stopping carry over; the paper's additions (:data:`PAPER_DECODING_FIELDS`) cannot, and a warning says
+    what changes. The per-sentence limit ``max_len_a`` · source length + ``max_len_b`` becomes one limit,
+    ``max_length`` = the position table's size (the longest output Marian can decode)."""
+    settings = generation_config.to_dict()
+    paper = {name: settings.pop(name, None) for name in (*PAPER_DECODING_FIELDS, "decoding_loop")}
+    if paper["length_penalty_type"] == "gnmt":
+        warnings.warn(
+            f"MarianMTModel has no GNMT length penalty ((5 + |Y|) / 6)^alpha: its beam search divides by |Y|^alpha "
+            f"(alpha = {settings.get('length_penalty', 1.0)}), so a few beam translations may differ.",
+            stacklevel=2,
+        )
+    if paper["max_len_a"] is not None or paper["max_len_b"] is not None:
+        if settings.get("max_length") is None and settings.get("max_new_tokens") is None:
+            settings["max_length"] = config.max_position_embeddings
+        warnings.warn(
+            f"MarianMTModel has no per-sentence output limit (max_len_a={paper['max_len_a']} * source length + "
+            f"max_len_b={paper['max_len_b']}); the export stops at max_length={settings.get('max_length')} tokens "
+            "instead (pass max_new_tokens to generate() for another limit).",
+            stacklevel=2,
+        )
+    return GenerationConfig.from_dict(settings)
 
 
 def _load_exactly(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -186,3 +268,53 @@ def convert_marian_checkpoint(path_or_id: str, output_dir: str) -> VaswaniForCon
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return model
+
+
+def export_marian(model_dir: str | Path, output_dir: str | Path, overwrite: bool = False) -> MarianMTModel:
+    """``vaswani export marian``: a Vaswani model folder (or Hub id) → a ``MarianMTModel`` folder with its
+    tokenizer, which plain transformers loads without this package and without remote code.
+
+    The weights come from :func:`vaswani_to_marian` (same function), the generation config from
+    :func:`marian_generation_config`, the tokenizer is saved as it is (a ``PreTrainedTokenizerFast`` or Marian's
+    SentencePiece files), so the ids are the same. The folder is written next to ``output_dir`` and moved there
+    when complete: a failure leaves nothing half-written. An ``output_dir`` that holds a model is replaced only
+    with ``overwrite``; one that holds other files is refused.
+    """
+    from .translate import load_translation_model
+
+    out = Path(output_dir)
+    _check_export_folder(out, overwrite)
+    model, tokenizer = load_translation_model(str(model_dir))
+    if not isinstance(model, VaswaniForConditionalGeneration):
+        raise ValueError(
+            f"{model_dir} holds a {model.config.model_type!r} model, not a Vaswani one; export takes a folder "
+            "saved by `vaswani train` or VaswaniForConditionalGeneration.save_pretrained()."
+        )
+    marian = vaswani_to_marian(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as staging:
+        new = Path(staging) / "model"
+        marian.save_pretrained(new)
+        tokenizer.save_pretrained(new)
+        old = Path(staging) / "old"
+        if out.exists():
+            out.rename(old)  # deleted with the staging folder once the new one is in place
+        try:
+            new.rename(out)
+        except OSError:
+            if old.exists():
+                old.rename(out)
+            raise
+    return marian
+
+
+def _check_export_folder(out: Path, overwrite: bool) -> None:
+    """Refuse an output path that is a file, a folder holding a model (unless ``overwrite``) or other files."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; give a new folder for the Marian model.")
+    if (out / "config.json").exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a model (config.json); pass --overwrite to replace it "
+                                  "or choose a new folder.")
+    elif out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"{out} holds files but no model; choose a new or empty folder.")
