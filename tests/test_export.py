@@ -176,3 +176,32 @@ def test_output_folder_with_a_model_needs_overwrite(tokenizer_dir, tmp_path, cap
     code, err = _export([str(source), str(tmp_path / "notes"), "--overwrite"], capsys)
     assert code == 2 and "holds files but no model" in err
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+ctranslate2 = pytest.importorskip("ctranslate2", reason="vaswani[ct2] (ctranslate2) is not installed")
+CT2_LINES = ["Two dogs play in the snow.", "", "A man in a blue shirt is standing on a ladder.", "Kinder.",
+             "A woman reads a book in the park while children play."]
+
+
+def _translate_lines(argv: list[str], lines: list[str], tmp_path: Path, capsys) -> list[str]:
+    source = tmp_path / "source.txt"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    main(["translate", *argv, "-i", str(source), "--no-progress"])
+    return capsys.readouterr().out.splitlines()
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "concatenated"])
+def test_ctranslate2_export_translates_as_pytorch(layout, tokenizer_dir, tmp_path, capsys):
+    source = _vaswani_folder(tmp_path / "vaswani", tokenizer_dir, sinusoid_layout=layout)
+    main(["export", "ctranslate2", str(source), str(tmp_path / "ct2")])
+    assert "GNMT length penalty" in capsys.readouterr().err
+    settings = json.loads((tmp_path / "ct2" / "vaswani_decoding.json").read_text())
+    assert settings == {"num_beams": 4, "length_penalty": 0.6, "length_penalty_type": "gnmt", "max_len_a": 1.0,
+                        "max_len_b": 50}
+
+    for options in (["--beam", "1"], ["--beam", "1", "--max-len-a", "0.5", "--max-len-b", "2"]):
+        expected = _translate_lines([str(source), *options], CT2_LINES, tmp_path, capsys)
+        got = _translate_lines(["--engine", "ctranslate2", str(tmp_path / "ct2"), *options], CT2_LINES, tmp_path,
+                               capsys)
+        assert got == expected and len(got) == len(CT2_LINES) and got[1] == ""
+        assert any(len(line) > 3 for line in got), got  # real translations, not just </s>

@@ -357,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         args.func(args)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, ImportError) as err:  # ImportError: an optional extra that is not installed
         print(f"vaswani {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except SafetensorError as err:  # a weights file the command read without checking it first

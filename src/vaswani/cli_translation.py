@@ -1,12 +1,14 @@
-"""``vaswani translate``, ``vaswani push``, ``vaswani convert marian`` and ``vaswani export marian`` (sub-commands of
-:mod:`vaswani.cli`)."""
+"""``vaswani translate``, ``vaswani push``, ``vaswani convert marian`` and ``vaswani export marian|ctranslate2``
+(sub-commands of :mod:`vaswani.cli`)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def _add_translate(sub: argparse._SubParsersAction) -> None:
@@ -27,9 +29,14 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="source tokens per batch (default 512)")
     p.add_argument("--max-input-tokens", type=int,
                    help="cut longer sentences to this many tokens (default: the tokenizer's model_max_length)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights and computation (bfloat16 is fast on CPUs with AMX/AVX-512)")
+    p.add_argument("--engine", default="torch", choices=["torch", "ctranslate2"],
+                   help="torch (default): the model folder with PyTorch; ctranslate2: a folder written by "
+                        "`vaswani export ctranslate2` (pip install vaswani[ct2])")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's, usually the number of cores)")
+    p.add_argument("--device", help="torch engine: cpu, cuda, cuda:1, mps, ... (default cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="torch engine: weights and computation (default float32; bfloat16 is fast on CPUs with "
+                        "AMX/AVX-512); CTranslate2 computes in its export's --quantization")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar shown for files")
     p.set_defaults(func=_run_translate)
 
@@ -59,10 +66,15 @@ def _check_output_file(path: str) -> None:
 
 
 def _run_translate(args: argparse.Namespace) -> None:
-    from .translate import check_generate_kwargs, load_translation_model, translate
+    from .translate import check_generate_kwargs
 
     if args.output:
         _check_output_file(args.output)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.engine == "ctranslate2" and (args.device not in (None, "cpu") or args.dtype is not None):
+        raise ValueError("--device and --dtype are for --engine torch; CTranslate2 runs on the CPU in the type its "
+                         "export chose (vaswani export ctranslate2 --quantization)")
     sentences = _read_input(args)
     generate_kwargs = {
         key: value
@@ -75,13 +87,12 @@ def _run_translate(args: argparse.Namespace) -> None:
     check_generate_kwargs(generate_kwargs)
     translations: list[str] = []
     if sentences:
-        model, tokenizer = load_translation_model(args.model, device=args.device, dtype=args.dtype)
-        show_progress = bool(args.input) and args.input != "-" and not args.no_progress
+        options = {
+            "max_tokens": args.max_tokens, "max_input_tokens": args.max_input_tokens,
+            "progress": bool(args.input) and args.input != "-" and not args.no_progress, **generate_kwargs,
+        }
         try:
-            translations = translate(
-                model, tokenizer, sentences, max_tokens=args.max_tokens, max_input_tokens=args.max_input_tokens,
-                progress=show_progress, **generate_kwargs,
-            )
+            translations = _translate_with_engine(args, sentences, options)
         except KeyboardInterrupt:
             raise KeyboardInterrupt(f"nothing was written{f' to {args.output}' if args.output else ''}") from None
     text = "".join(line + "\n" for line in translations)
@@ -90,6 +101,22 @@ def _run_translate(args: argparse.Namespace) -> None:
     else:
         sys.stdout.write(text)
         sys.stdout.flush()
+
+
+def _translate_with_engine(args: argparse.Namespace, sentences: list[str], options: dict) -> list[str]:
+    """Decode with PyTorch (the model folder) or CTranslate2 (an exported folder); notes go to stderr."""
+    if args.engine == "ctranslate2":
+        from .ct2 import translate_ctranslate2
+
+        return _printing_notes(lambda: translate_ctranslate2(args.model, sentences, threads=args.threads, **options))
+    import torch
+
+    from .translate import load_translation_model, translate
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_translation_model(args.model, device=args.device or "cpu", dtype=args.dtype or "float32")
+    return translate(model, tokenizer, sentences, **options)
 
 
 def _add_push(sub: argparse._SubParsersAction) -> None:
@@ -158,19 +185,44 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     m.add_argument("output", help="new folder for the MarianMTModel and its tokenizer")
     m.add_argument("--overwrite", action="store_true", help="replace a model already in the output folder")
     m.set_defaults(func=_run_export_marian)
+    c = esub.add_parser(
+        "ctranslate2", help="a Vaswani folder → a CTranslate2 model folder with its tokenizer (needs vaswani[ct2])",
+    )
+    c.add_argument("model", help="Vaswani model folder (with its tokenizer) or Hub id")
+    c.add_argument("output", help="new folder for the CTranslate2 model, its tokenizer and decoding settings")
+    c.add_argument("--quantization", default="float32", choices=["float32", "int8", "int8_float32", "bfloat16"],
+                   help="weight type (default float32); int8 is the fastest on CPUs")
+    c.add_argument("--overwrite", action="store_true", help="replace a model already in the output folder")
+    c.set_defaults(func=_run_export_ctranslate2)
 
 
-def _run_export_marian(args: argparse.Namespace) -> None:
+def _printing_notes(export: Callable[[], Any]) -> Any:
+    """Run ``export``; what it warns about (what does not carry over) is printed as notes on stderr."""
     import warnings
-
-    from .convert import export_marian
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        marian = export_marian(args.model, args.output, overwrite=args.overwrite)
+        result = export()
     for warning in caught:
         print(f"note: {warning.message}", file=sys.stderr)
+    return result
+
+
+def _run_export_marian(args: argparse.Namespace) -> None:
+    from .convert import export_marian
+
+    marian = _printing_notes(lambda: export_marian(args.model, args.output, overwrite=args.overwrite))
     print(f"exported {args.model} ({marian.num_parameters():,} parameters) as a MarianMTModel into {args.output}")
+
+
+def _run_export_ctranslate2(args: argparse.Namespace) -> None:
+    from .ct2 import export_ctranslate2
+
+    settings = _printing_notes(
+        lambda: export_ctranslate2(args.model, args.output, args.quantization, overwrite=args.overwrite)
+    )
+    print(f"exported {args.model} as a CTranslate2 model ({args.quantization}) into {args.output}; decoding: "
+          + ", ".join(f"{key}={value}" for key, value in settings.items()))
 
 
 TRANSLATION_COMMANDS = [_add_translate, _add_push, _add_convert, _add_export]

@@ -16,7 +16,9 @@ from __future__ import annotations
 import re
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import GenerationConfig, MarianConfig, MarianMTModel
@@ -280,22 +282,39 @@ def export_marian(model_dir: str | Path, output_dir: str | Path, overwrite: bool
     when complete: a failure leaves nothing half-written. An ``output_dir`` that holds a model is replaced only
     with ``overwrite``; one that holds other files is refused.
     """
+    out = Path(output_dir)
+    check_export_folder(out, overwrite)
+    model, tokenizer = load_vaswani_for_export(model_dir)
+    marian = vaswani_to_marian(model)
+
+    def write(folder: Path) -> None:
+        marian.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    write_folder_whole(out, write)
+    return marian
+
+
+def load_vaswani_for_export(model_dir: str | Path) -> tuple[VaswaniForConditionalGeneration, Any]:
+    """The Vaswani model and tokenizer in ``model_dir``; any other model type is refused."""
     from .translate import load_translation_model
 
-    out = Path(output_dir)
-    _check_export_folder(out, overwrite)
     model, tokenizer = load_translation_model(str(model_dir))
     if not isinstance(model, VaswaniForConditionalGeneration):
         raise ValueError(
             f"{model_dir} holds a {model.config.model_type!r} model, not a Vaswani one; export takes a folder "
             "saved by `vaswani train` or VaswaniForConditionalGeneration.save_pretrained()."
         )
-    marian = vaswani_to_marian(model)
+    return model, tokenizer
+
+
+def write_folder_whole(out: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write`` on a new folder beside ``out`` and move it to ``out`` once complete: a failure leaves
+    nothing half-written, and a model already in ``out`` is replaced only by a finished one."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as staging:
         new = Path(staging) / "model"
-        marian.save_pretrained(new)
-        tokenizer.save_pretrained(new)
+        write(new)
         old = Path(staging) / "old"
         if out.exists():
             out.rename(old)  # deleted with the staging folder once the new one is in place
@@ -305,13 +324,12 @@ def export_marian(model_dir: str | Path, output_dir: str | Path, overwrite: bool
             if old.exists():
                 old.rename(out)
             raise
-    return marian
 
 
-def _check_export_folder(out: Path, overwrite: bool) -> None:
+def check_export_folder(out: Path, overwrite: bool) -> None:
     """Refuse an output path that is a file, a folder holding a model (unless ``overwrite``) or other files."""
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file; give a new folder for the Marian model.")
+        raise FileExistsError(f"{out} is a file; give a new folder for the exported model.")
     if (out / "config.json").exists():
         if not overwrite:
             raise FileExistsError(f"{out} already holds a model (config.json); pass --overwrite to replace it "

@@ -196,11 +196,40 @@ def translate(
         generate_kwargs: passed to ``model.generate`` (``num_beams``, ``max_len_a``, ``max_len_b``,
             ``length_penalty``, ``length_penalty_type``, ...); unset ones come from the generation config.
     """
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if generate_kwargs.get("num_return_sequences", 1) != 1:
         raise ValueError("translate returns one translation per sentence; drop num_return_sequences")
     check_generate_kwargs(generate_kwargs)
+    device = model.device
+
+    def generate(batch: list[list[int]]) -> torch.Tensor:
+        padded = tokenizer.pad({"input_ids": batch}, return_tensors="pt")
+        return model.generate(
+            input_ids=padded["input_ids"].to(device), attention_mask=padded["attention_mask"].to(device),
+            **generate_kwargs,
+        )
+
+    return translate_with(
+        generate, tokenizer, sentences, max_tokens=max_tokens, max_input_tokens=max_input_tokens, progress=progress,
+        warn=warn,
+    )
+
+
+def translate_with(
+    decode: Callable[[list[list[int]]], Any],
+    tokenizer: Any,
+    sentences: Sequence[str],
+    *,
+    max_tokens: int = 512,
+    max_input_tokens: int | None = None,
+    progress: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> list[str]:
+    """The line handling of :func:`translate` around any decoder: ``decode`` maps one batch of source id lists
+    (``</s>`` included, unpadded) to output id sequences (a list or padded tensor; special tokens are dropped).
+    Blank lines, the input cut at ``max_input_tokens``, the length-sorted ``max_tokens`` batches, the progress bar
+    and one output line per input line are the same for every engine."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     warn = warn or (lambda message: print(message, file=sys.stderr))
     limit = max_input_tokens or tokenizer.model_max_length
     outputs = [""] * len(sentences)
@@ -220,14 +249,8 @@ def translate(
 
         bar = tqdm(total=len(sentences), unit="sent", file=sys.stderr)
         bar.update(len(sentences) - len(todo))
-    device = model.device
     for batch in batches:
-        padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
-        output_ids = model.generate(
-            input_ids=padded["input_ids"].to(device), attention_mask=padded["attention_mask"].to(device),
-            **generate_kwargs,
-        )
-        texts = tokenizer.batch_decode(output_ids, skip_special_tokens=True)
+        texts = tokenizer.batch_decode(decode([encoded[i] for i in batch]), skip_special_tokens=True)
         for i, text in zip(batch, texts):
             outputs[todo[i]] = _one_line(text)
         if bar is not None:
