@@ -68,41 +68,18 @@ def _marian_translate(marian, tokenizer, sentences: list[str], batches: list[lis
     return out
 
 
-def _ctranslate2_model(marian, tokenizer, folder: Path, compute_type: str, threads: int):
-    """Convert with CTranslate2's Marian loader, adapted: Vaswani models start decoding from the ``<s>``
-    embedding (Marian from a zero vector) and keep ``<pad>`` at id 0 (Marian has it last)."""
+def _ctranslate2_model(model_dir: str, folder: Path, compute_type: str, threads: int):
+    """The package's export (``vaswani export ctranslate2``, float32 weights) loaded in ``compute_type``, one batch at
+    a time on ``threads`` threads (CTranslate2's best setting for a thread count)."""
     import ctranslate2
-    from ctranslate2.converters import transformers as ct2_transformers
 
-    class VaswaniAsMarianLoader(ct2_transformers.MarianMTLoader):
-        def get_model_spec(self, model):
-            model.config.normalize_before = False
-            model.config.normalize_embedding = False
-            return ct2_transformers.BartLoader.get_model_spec(self, model)
+    from vaswani.ct2 import export_ctranslate2
 
-        def set_config(self, config, model, tokenizer):
-            config.bos_token, config.eos_token = tokenizer.bos_token, tokenizer.eos_token
-            config.unk_token, config.decoder_start_token = tokenizer.unk_token, tokenizer.bos_token
-
-        def set_decoder(self, spec, decoder):
-            ct2_transformers.BartLoader.set_decoder(self, spec, decoder)
-
-        def get_vocabulary(self, model, tokenizer):
-            return ct2_transformers.ModelLoader.get_vocabulary(self, model, tokenizer)
-
-    source = folder / "marian"
-    if not source.exists():
-        marian.save_pretrained(source)
-        tokenizer.save_pretrained(source)
     target = folder / "ct2"
     if not target.exists():
-        previous = ct2_transformers._MODEL_LOADERS["MarianConfig"]
-        ct2_transformers._MODEL_LOADERS["MarianConfig"] = VaswaniAsMarianLoader()
-        try:
-            ct2_transformers.TransformersConverter(str(source)).convert(str(target))
-        finally:
-            ct2_transformers._MODEL_LOADERS["MarianConfig"] = previous
-    return ctranslate2.Translator(str(target), device="cpu", compute_type=compute_type, intra_threads=threads)
+        export_ctranslate2(model_dir, target)
+    return ctranslate2.Translator(str(target), device="cpu", compute_type=compute_type, intra_threads=threads,
+                                  inter_threads=1)
 
 
 def _ct2_translate(translator, tokenizer, sentences: list[str], max_tokens: int) -> list[str]:
@@ -167,8 +144,7 @@ def main(argv: list[str] | None = None) -> None:
 
             for compute_type, short in (("float32", "fp32"), ("bfloat16", "bf16")):
                 try:
-                    translator = _ctranslate2_model(
-                        marians["float32"], tokenizer, Path(tmp), compute_type, args.threads)
+                    translator = _ctranslate2_model(args.model, Path(tmp), compute_type, args.threads)
                 except ValueError as err:  # e.g. no bf16 kernels for this CPU in CTranslate2's build
                     print(f"CTranslate2 {short}: {err}", file=sys.stderr)
                     continue
