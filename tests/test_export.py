@@ -205,3 +205,59 @@ def test_ctranslate2_export_translates_as_pytorch(layout, tokenizer_dir, tmp_pat
                                capsys)
         assert got == expected and len(got) == len(CT2_LINES) and got[1] == ""
         assert any(len(line) > 3 for line in got), got  # real translations, not just </s>
+
+
+@pytest.fixture(scope="module")
+def ct2_export(tokenizer_dir, tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("ct2")
+    source = _vaswani_folder(folder / "vaswani", tokenizer_dir)
+    main(["export", "ctranslate2", str(source), str(folder / "ct2")])
+    return source, folder / "ct2"
+
+
+def test_ctranslate2_beam_search_with_transformers_length_penalty(ct2_export, tmp_path, capsys):
+    source, exported = ct2_export
+    expected = _translate_lines([str(source), "--length-penalty-type", "hf"], CT2_LINES, tmp_path, capsys)
+    got = _translate_lines(["--engine", "ctranslate2", str(exported), "--length-penalty-type", "hf"], CT2_LINES,
+                           tmp_path, capsys)
+    assert got == expected
+    main(["translate", "--engine", "ctranslate2", str(exported), *SENTENCES])  # the exported GNMT penalty
+    assert "no GNMT length penalty" in capsys.readouterr().err
+
+
+def test_ctranslate2_int8_export_translates(ct2_export, tmp_path, capsys):
+    source, _ = ct2_export
+    main(["export", "ctranslate2", str(source), str(tmp_path / "int8"), "--quantization", "int8"])
+    assert "(int8)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "int8" / "config.json").read_text())["decoder_start_token"] == "<s>"
+    got = _translate_lines(["--engine", "ctranslate2", str(tmp_path / "int8"), "--beam", "1"], CT2_LINES, tmp_path,
+                           capsys)
+    assert len(got) == len(CT2_LINES) and got[1] == "" and any(got)
+
+
+def _fails(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_ctranslate2_bad_input_is_refused_and_nothing_is_half_written(ct2_export, tmp_path, capsys, monkeypatch):
+    source, exported = ct2_export
+    assert "already holds a model" in _fails(["export", "ctranslate2", str(source), str(exported)], capsys)
+    err = _fails(["export", "ctranslate2", str(exported), str(tmp_path / "out")], capsys)  # not a Vaswani folder
+    assert "model_type None, which neither transformers nor vaswani provides" in err
+    err = _fails(["translate", "--engine", "ctranslate2", str(source), "x"], capsys)
+    assert "not a folder written by `vaswani export ctranslate2`" in err
+    assert "--dtype are for --engine torch" in _fails(
+        ["translate", "--engine", "ctranslate2", str(exported), "x", "--dtype", "bfloat16"], capsys)
+
+    monkeypatch.setattr(ctranslate2, "get_supported_compute_types", lambda device: {"float32", "int8"})
+    err = _fails(["export", "ctranslate2", str(source), str(tmp_path / "out"), "--quantization", "bfloat16"], capsys)
+    assert "'bfloat16' is not supported by this CTranslate2 build on this CPU (supported: float32, int8)" in err
+
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)  # not installed
+    for argv in (["export", "ctranslate2", str(source), str(tmp_path / "out")],
+                 ["translate", "--engine", "ctranslate2", str(exported), "x"]):
+        assert "pip install vaswani[ct2]" in _fails(argv, capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
