@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-#: The folder next to our own checkouts; elsewhere pass ``--data``.
-DEFAULT_FOLDER = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
+#: ``$VASWANI_MULTI30K`` (as the tests read it), else ``multi30k/`` in the repository, as the README's commands use.
+DEFAULT_FOLDER = Path(os.environ.get("VASWANI_MULTI30K", Path(__file__).resolve().parents[1] / "multi30k"))
 SOURCE = (
     "Multi30k task 1 raw text is at github.com/multi30k/dataset (folder data/task1/raw: train.en.gz, train.de.gz, "
     "train.fr.gz, val.*.gz, test_2016_flickr.*.gz); English-German is also the Hub dataset bentrevett/multi30k"

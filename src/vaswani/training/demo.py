@@ -22,7 +22,7 @@ from .run import TrainSettings, train
 
 #: Beam sizes the demo tries on its validation split before translating the test numbers with the best one,
 #: as the paper chose its decoding settings on development data (§6.1). Beam 4 is the paper's; on this
-#: task greedy decoding or beam 8 is often better (README).
+#: task greedy decoding or beam 8 was often better (benchmarks/HISTORY.md).
 DEMO_BEAMS = (1, 4, 8)
 
 #: The numbers the README's guide and tour translate and draw: the demo prints their translations every run.
@@ -67,6 +67,11 @@ def translate_lines(
 def exact_match(hypotheses: list[str], references: list[str]) -> float:
     """Share of hypotheses equal to their reference."""
     return sum(h == r for h, r in zip(hypotheses, references)) / max(len(references), 1)
+
+
+def _rows_exact_match(rows: list[tuple[str, str, str]]) -> float:
+    """:func:`exact_match` of (source, hypothesis, reference) rows."""
+    return exact_match([hypothesis for _, hypothesis, _ in rows], [reference for _, _, reference in rows])
 
 
 def exact_match_by_digits(numbers: list[int], hypotheses: list[str], references: list[str]) -> dict[int, float]:
@@ -149,7 +154,7 @@ def run_demo(
     test_rows, typed_rows, guide_rows = rows[:tested], rows[tested:typed_end], rows[typed_end:]
     return DemoResult(
         model_dir=settings.output_dir,
-        exact_match=exact_match([h for _, h, _ in test_rows], [r for _, _, r in test_rows]),
+        exact_match=_rows_exact_match(test_rows),
         test_sentences=tested,
         train_minutes=train_minutes,
         total_minutes=(time.monotonic() - started) / 60,
@@ -158,7 +163,7 @@ def run_demo(
         num_beams=num_beams,
         validation_exact_match=validation_scores,
         test_by_digits=exact_match_by_digits(numbers["test"], hypotheses[:tested], references[:tested]),
-        typed_exact_match=exact_match([h for _, h, _ in typed_rows], [r for _, _, r in typed_rows]),
+        typed_exact_match=_rows_exact_match(typed_rows),
         typed_misses=[row for row in typed_rows if row[1] != row[2]],
     )
 

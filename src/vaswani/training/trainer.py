@@ -28,6 +28,7 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, TrainerCallback
 
+from ..configuration import WRITTEN_BY_TRANSFORMERS
 from .batching import token_batch_sampler_for
 from .loss import make_compute_loss_func
 from .schedule import NoamLambda, get_noam_schedule, paper_adam
@@ -281,9 +282,8 @@ def explained_stops(run_dir: Path) -> Iterator[None]:
         ) from None
 
 
-#: Config entries that record how a model was saved rather than what it is.
-_SAVING_KEYS = {"architectures", "auto_map", "custom_pipelines", "dtype", "torch_dtype", "transformers_version",
-                "use_cache", "_name_or_path"}
+#: Config entries that record how a model was saved or is run rather than what it is.
+_SAVING_KEYS = {*WRITTEN_BY_TRANSFORMERS, "use_cache"}
 
 
 def check_resumable(config: Any, checkpoint: Path) -> None:
