@@ -12,7 +12,6 @@ each choice taken back. Scores are sacreBLEU (13a, cased, detokenized).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import sys
 import time
@@ -21,12 +20,8 @@ from pathlib import Path
 import sacrebleu
 from multi30k_data import add_data_argument, require_files
 
+from vaswani.training.data import read_lines
 from vaswani.translate import load_translation_model, translate
-
-
-def read_lines(path: str) -> list[str]:
-    with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
 
 
 def bleu(hypotheses: list[str], references: list[str]) -> float:

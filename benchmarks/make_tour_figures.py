@@ -4,7 +4,7 @@
     python benchmarks/make_tour_figures.py --model DIR --output docs/images
 
 When the model folder does not exist, a small number-words model is trained on the spot (numbers < 1000,
-about 20 s; see ``vaswani.toy``) and the pictures say so in the printed report. Every picture comes from the
+about 20 s; see ``vaswani.demo.toy``) and the pictures say so in the printed report. Every picture comes from the
 library functions behind ``vaswani attention``, ``vaswani plot positions`` and ``vaswani align``.
 """
 
@@ -18,11 +18,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from vaswani.alignment import alignment_accuracy
-from vaswani.training.numbers import aligned_pair
-from vaswani.visualize import (
+from vaswani.demo.numbers import aligned_pair
+from vaswani.translate import load_translation_model
+from vaswani.visual.alignment import alignment_accuracy
+from vaswani.visual.pictures import (
     capture_attention,
-    load_model_and_tokenizer,
     plot_attention,
     plot_encoder_layer,
     plot_positions,
@@ -45,16 +45,16 @@ def main(argv: list[str] | None = None) -> None:
     warnings.simplefilter("ignore", UserWarning)  # the eager switch is expected here
 
     if args.model.is_dir():
-        model, tokenizer = load_model_and_tokenizer(args.model)
+        model, tokenizer = load_translation_model(args.model)
         origin, max_value = f"model folder {args.model}", 999_999
         sentence = args.sentence or DEMO_SENTENCE
     else:
-        from vaswani.toy import train_number_model
+        from vaswani.demo.toy import train_number_model
 
         print(f"{args.model} does not exist: training a small number-words model (numbers < 1000) instead")
         run = train_number_model(max_value=999, steps=400, seed=0)
         model, tokenizer = run.model, run.tokenizer
-        origin = f"vaswani.toy.train_number_model(max_value=999, steps=400) in {run.seconds:.0f} s"
+        origin = f"vaswani.demo.toy.train_number_model(max_value=999, steps=400) in {run.seconds:.0f} s"
         max_value = 999
         sentence = args.sentence or TOY_SENTENCE
     output = prepare_output_dir(args.output)

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from multi30k_data import add_data_argument, require_files
 
+from vaswani.demo.run import translate_lines
 from vaswani.training.data import read_lines
-from vaswani.training.demo import translate_lines
 from vaswani.training.metrics import bleu
 from vaswani.training.run import TrainSettings, train
 

@@ -19,7 +19,6 @@ The model must use Marian's ``[sin | cos]`` positions (``sinusoid_layout="concat
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import sys
 import tempfile
@@ -32,12 +31,8 @@ import torch
 from multi30k_data import add_data_argument, require_files
 
 from vaswani.convert import vaswani_to_marian
+from vaswani.training.data import read_lines
 from vaswani.translate import load_translation_model, token_batches, translate
-
-
-def read_lines(path: str) -> list[str]:
-    with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
 
 
 def bleu(hypotheses: list[str], references: list[str]) -> float:

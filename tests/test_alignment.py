@@ -3,7 +3,10 @@
 import numpy as np
 import pytest
 
-from vaswani.alignment import (
+from vaswani.cli import main
+from vaswani.demo.numbers import aligned_pair
+from vaswani.demo.toy import train_number_model
+from vaswani.visual.alignment import (
     align_from_cross_attention,
     alignment_accuracy,
     crossing_links,
@@ -13,9 +16,6 @@ from vaswani.alignment import (
     word_attention,
     word_spans,
 )
-from vaswani.cli import main
-from vaswani.toy import train_number_model
-from vaswani.training.numbers import aligned_pair
 
 # Measured with seed 0 (300 steps, 100 held-out numbers < 1000): best 91.7% (layer 1, head 2); seeds 0-5 gave
 # 91.7-99.8%, the monotonic baseline 64-69%. The floors leave a wide margin for other CPUs and torch builds.

@@ -64,7 +64,7 @@ def test_byte_order_mark_is_not_part_of_the_first_sentence(tmp_path):
 
 
 def test_byte_order_mark_on_stdin_is_dropped(monkeypatch):
-    from vaswani.cli_translation import _read_input
+    from vaswani.cli.translation import _read_input
 
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xef\xbb\xbfHello.\n")))
     assert _read_input(argparse.Namespace(text=[], input=None)) == ["Hello."]
@@ -223,7 +223,7 @@ def test_nan_in_inputs_embeds_is_refused(model):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from vaswani.training.numbers import make_number_corpus, write_parallel_corpus
+    from vaswani.demo.numbers import make_number_corpus, write_parallel_corpus
 
     out = tmp_path_factory.mktemp("numbers")
     write_parallel_corpus(make_number_corpus(120, 8, 8, seed=1, max_value=999), out)

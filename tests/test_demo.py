@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from vaswani.training.demo import SCORING_MINUTES, DemoResult, exact_match_by_digits, print_demo, run_demo
+from vaswani.demo.run import SCORING_MINUTES, DemoResult, exact_match_by_digits, print_demo, run_demo
 
 
 def test_exact_match_by_digits_groups_by_length():

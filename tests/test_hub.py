@@ -76,7 +76,7 @@ def test_files_to_upload_is_an_allow_list(folder, tmp_path):
 def test_vaswani_push_sends_exactly_the_model_files_and_a_card(folder, tmp_path):
     with FakeHub() as hub:
         result = subprocess.run(
-            [sys.executable, "-m", "vaswani.cli", "push", str(folder), "me/vaswani-tiny", "--private",
+            [sys.executable, "-m", "vaswani", "push", str(folder), "me/vaswani-tiny", "--private",
              "--source-lang", "en", "--target-lang", "de", "--dataset", "bentrevett/multi30k",
              "--test-set", "Multi30k test_2016_flickr", "--bleu", "36.66"],
             capture_output=True, text=True, env=_hub_env(hub), timeout=300,

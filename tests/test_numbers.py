@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from vaswani.training.numbers import (
+from vaswani.demo.numbers import (
     ALWAYS_TRAINED,
     HELD_OUT_DIGITS,
     TYPED_NUMBERS,

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, TrainerControl, TrainerState, TrainingArguments
 
 from vaswani.cli import main
+from vaswani.demo.numbers import make_number_corpus, write_parallel_corpus
 from vaswani.training.averaging import run_of
-from vaswani.training.numbers import make_number_corpus, write_parallel_corpus
 from vaswani.training.run import TrainSettings, train
 from vaswani.training.schedule import get_noam_schedule, noam_lr, paper_adam
 from vaswani.training.trainer import StopOnNonFiniteLoss, TimeBudget, last_complete_checkpoint
@@ -454,7 +454,7 @@ def test_bf16_mixed_precision_on_cpu(corpus_dir, tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    from vaswani.training.demo import print_demo, run_demo
+    from vaswani.demo.run import print_demo, run_demo
 
     result = run_demo(
         tmp_path / "demo", minutes=2, max_steps=3, train_pairs=200, validation_pairs=8, test_pairs=10, progress=False

@@ -71,7 +71,7 @@ def test_cli_file_to_file_line_for_line(folder, tmp_path, capsys):
     with gzip.open(source, "wt", encoding="utf-8") as handle:
         handle.write("\n".join(SENTENCES) + "\n")
     target = tmp_path / "out.de"
-    main(["translate", str(folder), "--input", str(source), "--output", str(target), "--max-input-tokens", "64"])
+    main(["translate", str(folder), "--input", str(source), "--output-file", str(target), "--max-input-tokens", "64"])
     lines = target.read_text(encoding="utf-8").split("\n")
     assert lines[-1] == "" and len(lines) - 1 == len(SENTENCES)
     assert [i for i, line in enumerate(lines[:-1]) if line == ""] == [1, 3]

@@ -11,13 +11,12 @@ from matplotlib.image import imread
 
 from vaswani import VaswaniConfig, VaswaniForConditionalGeneration
 from vaswani.cli import main
+from vaswani.demo.numbers import make_number_corpus
 from vaswani.tokenization import train_tokenizer
-from vaswani.training.numbers import make_number_corpus
-from vaswani.visualize import (
+from vaswani.visual.pictures import (
     AttentionCapture,
     attention_html,
     capture_attention,
-    load_model_and_tokenizer,
     plot_attention,
     plot_encoder_layer,
     plot_positions,
@@ -227,12 +226,13 @@ def test_encoder_layer_trace_matches_the_model(model, tokenizer, tmp_path):
 
 def test_cli_attention_and_plot(model_dir, tmp_path, capsys):
     out = tmp_path / "attention"
-    main(["attention", str(model_dir), SOURCE, "--target", TARGET, "--output", str(out), "--steps"])
+    main(["attention", str(model_dir), SOURCE, "--target-text", TARGET, "--output", str(out), "--steps"])
     captured = capsys.readouterr()
     assert "switched to 'eager'" in captured.err
     assert "wrote" in captured.out and (out / "attention.html").is_file()
     assert len(list(out.glob("*.png"))) == 8
-    main(["attention", str(model_dir), SOURCE, "--target", TARGET, "--output", str(out), "--max-tokens", "5"])
+    main(["attention", str(model_dir), SOURCE, "--target-text", TARGET, "--output", str(out),
+          "--max-drawn-tokens", "5"])
     assert "drawing only the first 5" in capsys.readouterr().err
     main(["plot", "positions", "--length", "20", "--d-model", "16", "--output", str(tmp_path / "pos")])
     assert (tmp_path / "pos" / "position_similarity.png").is_file()
@@ -243,8 +243,8 @@ def test_cli_errors(model_dir, tmp_path, capsys):
     blocker.write_text("x")
     for argv, message in (
         (["attention", str(model_dir), SOURCE, "--output", str(blocker / "out")], "cannot write pictures"),
-        (["attention", str(tmp_path / "missing"), SOURCE, "--output", str(tmp_path / "o")], "does not exist"),
-        (["attention", str(model_dir), SOURCE, "--target", TARGET, "--output", str(tmp_path / "o"),
+        (["attention", str(tmp_path / "missing"), SOURCE, "--output", str(tmp_path / "o")], "no such folder"),
+        (["attention", str(model_dir), SOURCE, "--target-text", TARGET, "--output", str(tmp_path / "o"),
           "--layer", "7"], "layer 7 does not exist"),
         (["plot", "positions", "--d-model", "5", "--output", str(tmp_path / "p")], "d_model must be"),
     ):
@@ -252,9 +252,3 @@ def test_cli_errors(model_dir, tmp_path, capsys):
             main(argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
-
-
-def test_load_model_folder_checks(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="lacks tokenizer.json"):
-        load_model_and_tokenizer(tmp_path)

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .training.numbers import NumberPair
+from ..demo.numbers import NumberPair
 
 Span = tuple[int, int]
 ROWS = ("predicting", "input")
@@ -312,7 +312,7 @@ def alignment_accuracy(
     if row not in ROWS:
         raise ValueError(f"row must be one of {ROWS}, got {row!r}")
     if not pairs:
-        raise ValueError("alignment_accuracy needs at least one NumberPair (see vaswani.training.numbers)")
+        raise ValueError("alignment_accuracy needs at least one NumberPair (see vaswani.demo.numbers)")
     with eager_attention(model) as switched:
         return _alignment_accuracy(model, tokenizer, pairs, batch_size, row, [switched] if switched else [])
 

@@ -33,9 +33,9 @@ import torch
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 
+from ..configuration import SINUSOID_LAYOUTS
+from ..modeling import sinusoidal_positional_encoding
 from .alignment import eager_attention
-from .configuration import SINUSOID_LAYOUTS
-from .modeling import sinusoidal_positional_encoding
 
 KINDS = ("encoder", "decoder", "cross")
 TITLES = {
@@ -58,27 +58,6 @@ GRID_LABEL_LIMIT = 24  # grid panels label their axes only up to this many token
 # ----------------------------------------------------------------------------------------------------------
 # Loading and output paths
 # ----------------------------------------------------------------------------------------------------------
-
-
-def load_model_and_tokenizer(model_dir: str | os.PathLike[str]):
-    """Load a saved model folder (``AutoModelForSeq2SeqLM`` + ``AutoTokenizer``) for inspection, in eval mode."""
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
-    from .translate import check_weights
-
-    folder = Path(model_dir)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model folder {os.fspath(folder)!r} does not exist")
-    missing = [name for name in ("config.json", "tokenizer.json") if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"model folder {os.fspath(folder)!r} lacks {', '.join(missing)}; save the model and its tokenizer "
-            "there with save_pretrained() (`vaswani demo` does both)"
-        )
-    check_weights(folder)
-    model = AutoModelForSeq2SeqLM.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    return model.eval(), tokenizer
 
 
 def prepare_output_dir(path: str | os.PathLike[str]) -> Path:
@@ -759,7 +738,6 @@ __all__ = [
     "attention_html",
     "capture_attention",
     "display_tokens",
-    "load_model_and_tokenizer",
     "plot_attention",
     "plot_encoder_layer",
     "plot_positions",

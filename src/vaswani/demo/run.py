@@ -2,8 +2,8 @@
 
 German writes a number below a million as one word and says units before tens ("forty-two" →
 "zweiundvierzig"), so the model has to learn a real re-ordering alignment, not a word-by-word copy.
-The corpus is generated (:mod:`vaswani.training.numbers`); nothing is downloaded. Every magnitude has weight
-in training and in the scores (:func:`~vaswani.training.numbers.balanced_number_splits`), and the same list of
+The corpus is generated (:mod:`vaswani.demo.numbers`); nothing is downloaded. Every magnitude has weight
+in training and in the scores (:func:`~vaswani.demo.numbers.balanced_number_splits`), and the same list of
 numbers people type is scored on every run, so the headline figure is about what a user will try.
 """
 
@@ -17,8 +17,8 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from ..perf import has_fast_bf16
+from ..training.run import TrainSettings, train
 from .numbers import TYPED_NUMBERS, balanced_number_splits, digit_count, number_pairs, write_parallel_corpus
-from .run import TrainSettings, train
 
 #: Beam sizes the demo tries on its validation split before translating the test numbers with the best one,
 #: as the paper chose its decoding settings on development data (§6.1). Beam 4 is the paper's; on this

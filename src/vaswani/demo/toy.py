@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .configuration import VaswaniConfig
-from .modeling import VaswaniForConditionalGeneration
-from .tokenization import VaswaniTokenizerFast, train_tokenizer
-from .training.numbers import number_to_english, number_to_german
+from ..configuration import VaswaniConfig
+from ..modeling import VaswaniForConditionalGeneration
+from ..tokenization import VaswaniTokenizerFast, train_tokenizer
+from .numbers import number_to_english, number_to_german
 
 
 @dataclass
