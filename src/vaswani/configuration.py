@@ -18,6 +18,17 @@ ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish")
 POSITION_TYPES = ("sinusoidal", "learned")
 SINUSOID_LAYOUTS = ("interleaved", "concatenated")
 
+#: d_model 256, 3+3 layers of 4 heads, d_ff 1024: the shape of the "small" and "multi30k" presets.
+SMALL_SHAPE: dict[str, Any] = {
+    "d_model": 256,
+    "encoder_layers": 3,
+    "decoder_layers": 3,
+    "encoder_ffn_dim": 1024,
+    "decoder_ffn_dim": 1024,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+}
+
 #: Rows of Table 3 and the small shapes this package trains on a CPU. Values not named keep the defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     # Table 3, "base": N=6, d_model=512, d_ff=2048, h=8, P_drop=0.1 (65M parameters).
@@ -32,28 +43,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dropout": 0.3,
     },
     # The benchmark's small shape: d_model 256, 3+3 layers.
-    "small": {
-        "d_model": 256,
-        "encoder_layers": 3,
-        "decoder_layers": 3,
-        "encoder_ffn_dim": 1024,
-        "decoder_ffn_dim": 1024,
-        "encoder_attention_heads": 4,
-        "decoder_attention_heads": 4,
-    },
-    # Multi30k (29k pairs) wants a small, strongly regularised model (as fairseq's "tiny" with dropout 0.3 shows).
-    "multi30k": {
-        "d_model": 256,
-        "encoder_layers": 3,
-        "decoder_layers": 3,
-        "encoder_ffn_dim": 1024,
-        "decoder_ffn_dim": 1024,
-        "encoder_attention_heads": 4,
-        "decoder_attention_heads": 4,
-        "dropout": 0.3,
-        "attention_dropout": 0.1,
-        "activation_dropout": 0.1,
-    },
+    "small": SMALL_SHAPE,
+    # Multi30k (29k pairs) wants the small shape strongly regularised (as fairseq's "tiny" with dropout 0.3 shows).
+    "multi30k": {**SMALL_SHAPE, "dropout": 0.3, "attention_dropout": 0.1, "activation_dropout": 0.1},
     # fairseq's "transformer_tiny" as Wu et al. (2021, "Good for misconceived reasons") trained it on Multi30k: 4+4
     # layers, d_model 128, d_ff 256, dropout 0.3 and none on attention weights or inside the FFN (fairseq's defaults).
     "multi30k-tiny": {

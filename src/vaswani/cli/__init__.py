@@ -51,18 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
-    for action in _sub_parsers(parser):
+    for action in sub_parsers(parser):
         action.formatter_class = DefaultsShown
     return parser
 
 
-def _sub_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+def sub_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
     """Every (sub-)sub-command parser under ``parser``."""
     found = []
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in dict.fromkeys(action.choices.values()):
-                found += [child, *_sub_parsers(child)]
+                found += [child, *sub_parsers(child)]
     return found
 
 

@@ -27,7 +27,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Sampler
 
 
@@ -188,49 +187,6 @@ def random_token_batches(
     return pack_by_tokens(order, cost, max_tokens)
 
 
-class Seq2SeqCollator:
-    """Pads ``input_ids`` (with ``attention_mask``) with ``<pad>`` and ``labels`` with -100, as tensors.
-
-    Like ``DataCollatorForSeq2Seq``; if ``model`` has ``prepare_decoder_input_ids_from_labels`` it also adds
-    ``decoder_input_ids`` (labels shifted right after ``decoder_start_token_id``). Extra columns are ignored.
-    """
-
-    def __init__(
-        self,
-        pad_token_id: int = 0,
-        label_pad_token_id: int = -100,
-        model: Any = None,
-        pad_to_multiple_of: int | None = None,
-    ) -> None:
-        self.pad_token_id = pad_token_id
-        self.label_pad_token_id = label_pad_token_id
-        self.model = model
-        self.pad_to_multiple_of = pad_to_multiple_of
-
-    def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
-        width = max(len(r) for r in rows)
-        if self.pad_to_multiple_of:
-            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        out = torch.full((len(rows), width), value, dtype=torch.long)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-        return out
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        src = [list(f["input_ids"]) for f in features]
-        batch = {"input_ids": self._pad(src, self.pad_token_id)}
-        mask = torch.zeros_like(batch["input_ids"])
-        for i, r in enumerate(src):
-            mask[i, : len(r)] = 1
-        batch["attention_mask"] = mask
-        if "labels" in features[0]:
-            batch["labels"] = self._pad([list(f["labels"]) for f in features], self.label_pad_token_id)
-            prepare = getattr(self.model, "prepare_decoder_input_ids_from_labels", None)
-            if prepare is not None:
-                batch["decoder_input_ids"] = prepare(labels=batch["labels"])
-        return batch
-
-
 def token_batch_sampler_for(dataset: Any, max_tokens: int, **kwargs: Any) -> TokenBatchSampler:
     """A :class:`TokenBatchSampler` over a tokenized dataset (``input_ids`` / ``labels`` columns)."""
     from .data import sequence_lengths
@@ -244,9 +200,9 @@ def build_dataloader(
     dataset: Any,
     max_tokens: int,
     *,
+    tokenizer: Any = None,
     collate_fn: Any = None,
     model: Any = None,
-    pad_token_id: int = 0,
     shuffle: bool = True,
     seed: int = 0,
     num_replicas: int = 1,
@@ -258,7 +214,8 @@ def build_dataloader(
 ) -> DataLoader:
     """A DataLoader over a tokenized dataset with token-based batches (:class:`TokenBatchSampler`).
 
-    ``collate_fn`` defaults to :class:`Seq2SeqCollator` (a ``DataCollatorForSeq2Seq`` works too). Call
+    ``collate_fn`` defaults to transformers' ``DataCollatorForSeq2Seq(tokenizer, model=model)``: padding with the
+    tokenizer's ``<pad>``, labels with -100, and ``decoder_input_ids`` from the model when it is given. Call
     ``loader.batch_sampler.set_epoch(epoch)`` each epoch (accelerate's prepared loader forwards its own
     ``set_epoch``). For ``accelerate``/``Trainer`` leave ``num_replicas=1`` and let accelerate shard; for a
     plain ``torch.distributed`` job pass ``num_replicas=world_size, rank=rank``.
@@ -274,14 +231,17 @@ def build_dataloader(
         max_sentences=max_sentences,
     )
     if collate_fn is None:
-        collate_fn = Seq2SeqCollator(pad_token_id=pad_token_id, model=model)
+        if tokenizer is None:
+            raise ValueError("build_dataloader needs the tokenizer (for its <pad> id) or a collate_fn")
+        from transformers import DataCollatorForSeq2Seq
+
+        collate_fn = DataCollatorForSeq2Seq(tokenizer, model=model)
     return DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers, pin_memory=pin_memory
     )
 
 
 __all__ = [
-    "Seq2SeqCollator",
     "TokenBatchSampler",
     "batch_padding",
     "build_dataloader",

@@ -1,0 +1,45 @@
+"""The command line itself: every option documented with its default, one meaning per flag name, --version."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from vaswani.cli import build_parser, installed_version, sub_parsers
+
+PARSER = build_parser()
+COMMANDS = sub_parsers(PARSER)
+NO_HELP_NEEDED = (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
+
+
+def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [action for action in parser._actions if not isinstance(action, NO_HELP_NEEDED)]
+
+
+@pytest.mark.parametrize("parser", COMMANDS, ids=[p.prog for p in COMMANDS])
+def test_every_option_has_help_that_shows_its_default(parser: argparse.ArgumentParser) -> None:
+    text = parser.format_help()
+    for action in _options(parser):
+        assert action.help, f"{parser.prog} {action.option_strings or action.dest} has no help text"
+        shown = parser.formatter_class(parser.prog)._get_help_string(action)
+        if action.option_strings and action.nargs != 0 and not action.required:
+            assert "default" in shown, f"{parser.prog} {action.option_strings} does not say its default"
+    assert "(default: %(default)s)" not in text  # the formatter filled every default in
+
+
+def test_a_flag_name_means_one_kind_of_thing_across_commands() -> None:
+    """--output is a folder wherever it appears; the file output of translate has its own name."""
+    for parser in COMMANDS:
+        for action in _options(parser):
+            if "--output" in action.option_strings:
+                assert "file" not in action.help.split("(")[0] or "folder" in action.help, (parser.prog, action.help)
+            if "--max-tokens" in action.option_strings:
+                assert "batch" in action.help, (parser.prog, action.help)
+
+
+def test_version() -> None:
+    result = subprocess.run([sys.executable, "-m", "vaswani", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == f"vaswani {installed_version()}"
