@@ -1,4 +1,4 @@
-"""Regenerate the pictures of the README's "A guided tour of the Transformer" (and the alignment figures).
+"""Regenerate the pictures of the guided tour of the Transformer (`docs/tour.md`) and the alignment figures.
 
     python benchmarks/make_tour_figures.py                       # from outputs/demo/model (`vaswani demo`)
     python benchmarks/make_tour_figures.py --model DIR --output docs/images

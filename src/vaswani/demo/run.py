@@ -25,11 +25,12 @@ from .numbers import TYPED_NUMBERS, balanced_number_splits, digit_count, number_
 #: task greedy decoding or beam 8 was often better (benchmarks/HISTORY.md).
 DEMO_BEAMS = (1, 4, 8)
 
-#: The numbers the README's guide and tour translate and draw: the demo prints their translations every run.
+#: The numbers the guide (docs/guide.md) and the tour (docs/tour.md) translate and draw: the demo prints their
+#: translations every run.
 GUIDE_NUMBERS = (42, 342, 80_000, 342_567)
 
 #: Time kept for scoring out of the demo's budget: choosing the beam on the validation numbers and translating
-#: the test, typed and guide numbers, on a 2-core CPU (README, "`vaswani demo`").
+#: the test, typed and guide numbers, on a 2-core CPU (docs/guide.md, "The demo").
 SCORING_MINUTES = 0.25
 
 
