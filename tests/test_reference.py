@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import padded_batch, tiny_model
+from helpers import padded_batch, tiny_model
 from transformers import MarianConfig, MarianMTModel
 
 from vaswani.convert import marian_to_vaswani, vaswani_to_marian
