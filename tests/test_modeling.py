@@ -55,6 +55,16 @@ def test_invalid_config_names_field(kwargs, message):
         VaswaniConfig(**kwargs)
 
 
+def test_config_json_of_earlier_versions_still_loads(tmp_path):
+    """init_std was written by earlier versions and is read by nothing: accepted, and ignored."""
+    from vaswani.configuration import check_config_dict
+
+    old = {**tiny_config().to_dict(), "init_std": 0.02}
+    check_config_dict(old, "config.json")
+    assert VaswaniConfig.from_dict(old).d_model == 32
+    assert "init_std" not in VaswaniConfig().to_dict()
+
+
 def test_parameter_counts_match_paper():
     from vaswani.report import parameter_count_table
 

@@ -2,7 +2,7 @@
 
 Reading order follows the paper:
 
-* §3.4 :class:`TokenEmbedding` scaled by sqrt(d_model), §3.5 :class:`SinusoidalPositionalEncoding`
+* §3.4 the token embedding scaled by sqrt(d_model), §3.5 :class:`SinusoidalPositionalEncoding`
   (or :class:`LearnedPositionalEmbedding`), summed and dropped out in :class:`EmbeddingWithPositions`.
 * §3.2 :func:`scaled_dot_product_attention` and :class:`MultiHeadAttention` (Q/K/V projections, split into
   h heads, attention, concatenation, output projection).
@@ -12,7 +12,6 @@ Reading order follows the paper:
   and :class:`VaswaniDecoder`.
 * :class:`VaswaniModel` (encoder + decoder) and :class:`VaswaniForConditionalGeneration` (+ the
   pre-softmax projection tied to the embeddings, §3.4).
-
 * Input checks that name the fix for bad input.
 
 Speed paths that compute the same live beside this file: :mod:`.unpadded` (training without the padding, a
@@ -288,15 +287,9 @@ class MultiHeadAttention(nn.Module):
         heads_outermost = unpadded is not None and attention is scaled_dot_product_attention
         if heads_outermost:
             query, key, value, attention_mask = map(swap_batch_and_heads, (query, key, value, attention_mask))
+        dropout = self.dropout if self.training else 0.0
         heads, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
+            self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
         )
         if heads_outermost:  # [heads, q_len, batch, d_k] -> [batch, q_len, heads, d_k]
             heads, weights = heads.transpose(0, 2), swap_batch_and_heads(weights)
@@ -729,11 +722,8 @@ class VaswaniForConditionalGeneration(VaswaniPreTrainedModel, VaswaniGenerationM
         super().__init__(config)
         self.model = VaswaniModel(config)
         self.lm_head = nn.Linear(config.d_model, config.decoder_vocab_size, bias=config.lm_head_bias)
-        target_embedding = (
-            "model.shared.weight"
-            if config.share_encoder_decoder_embeddings
-            else ("model.decoder.embed_tokens.weight")
-        )
+        shared = config.share_encoder_decoder_embeddings
+        target_embedding = "model.shared.weight" if shared else "model.decoder.embed_tokens.weight"
         self._tied_weights_keys = {"lm_head.weight": target_embedding}
         self.post_init()
         apply_paper_generation_defaults(self.generation_config)
