@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import padded_batch, tiny_config, tiny_model
+from helpers import padded_batch, tiny_config, tiny_model
 
 from vaswani.cli import main
 from vaswani.training.data import read_lines

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from accelerate.data_loader import BatchSamplerShard
-from conftest import MULTI30K, needs_multi30k
+from helpers import MULTI30K, needs_multi30k
 
 from vaswani.training.batching import (
     TokenBatchSampler,

@@ -3,7 +3,7 @@ the cache's old name ``past_key_values`` still works with a deprecation warning.
 
 import pytest
 import torch
-from conftest import padded_batch, tiny_config
+from helpers import padded_batch, tiny_config
 from safetensors.torch import save_file
 
 from vaswani import VaswaniForConditionalGeneration, VaswaniModel

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import fixture_lines
+from helpers import fixture_lines
 from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration, MarianConfig, MarianMTModel
 
 from vaswani.cli import main

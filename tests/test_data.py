@@ -9,7 +9,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from conftest import FIXTURES, MULTI30K, fixture_lines, needs_multi30k
+from helpers import FIXTURES, MULTI30K, fixture_lines, needs_multi30k
 
 from vaswani.tokenization import VaswaniTokenizerFast, train_tokenizer
 from vaswani.training.data import (

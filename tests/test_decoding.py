@@ -4,9 +4,9 @@ import random
 
 import pytest
 import torch
-from conftest import padded_batch, tiny_model
+from helpers import padded_batch, tiny_model
 
-from vaswani import decoding
+from vaswani import decoding, generation
 
 EOS = 3
 
@@ -17,7 +17,7 @@ def loop_calls(monkeypatch):
     calls = []
     for name in ("beam_search", "greedy_search"):
         function = getattr(decoding, name)
-        monkeypatch.setattr(decoding, name, lambda *a, _f=function, **k: calls.append(1) or _f(*a, **k))
+        monkeypatch.setattr(generation, name, lambda *a, _f=function, **k: calls.append(1) or _f(*a, **k))
     return calls
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fixture_lines, tiny_model
+from helpers import fixture_lines, tiny_model
 from transformers import AutoTokenizer
 
 from vaswani.cli import main

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from conftest import padded_batch, tiny_model
-from transformers import GenerationMixin
+from helpers import padded_batch, tiny_model
+from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
 
 from vaswani import VaswaniForConditionalGeneration
-from vaswani.generation import PAPER_GENERATION_DEFAULTS, gnmt_length_penalty, sentence_length_limits
+from vaswani.decoding import gnmt_length_penalty
+from vaswani.generation import PAPER_GENERATION_DEFAULTS, GnmtAlpha, sentence_length_limits
 
 EOS = 3
 
@@ -35,11 +36,11 @@ def test_gnmt_penalty_formula():
 
 def test_gnmt_ranking_differs_from_transformers_on_constructed_case():
     """Two finished hypotheses: A (|Y| = 2, log P = -1) and B (|Y| = 10, log P = -2).
-    transformers' |Y|^0.6 prefers B (-0.50 > -0.66); GNMT's ((5+|Y|)/6)^0.6 prefers A (-0.91 > -1.15)."""
+    transformers' |Y|^0.6 prefers B (-0.50 > -0.66); GNMT's ((5+|Y|)/6)^0.6 prefers A (-0.91 > -1.15).
+    transformers' beam search hands the call's length_penalty to this hook; a GnmtAlpha selects GNMT's form."""
     model = tiny_model()
     winners = {}
-    for penalty_type in ("hf", "gnmt"):
-        model._length_penalty_type = penalty_type
+    for penalty_type, alpha in (("hf", 0.6), ("gnmt", GnmtAlpha(0.6))):
         sequences = torch.zeros(1, 1, 12, dtype=torch.long)
         beam_scores = torch.full((1, 1), -1.0e9)
         beam_indices = torch.zeros(1, 1, 11, dtype=torch.int32)
@@ -60,11 +61,10 @@ def test_gnmt_ranking_differs_from_transformers_on_constructed_case():
                 num_beams=1,
                 cur_len=cur_len,  # |Y| = cur_len + 1 - prompt length (1)
                 decoder_prompt_len=1,
-                length_penalty=0.6,
+                length_penalty=alpha,
                 early_stopping=False,  # True would close the sentence after its first hypothesis
             )
         winners[penalty_type] = int(sequences[0, 0, 0])
-    model._length_penalty_type = "hf"
     assert winners == {"hf": 8, "gnmt": 7}
 
 
@@ -148,3 +148,26 @@ def test_unknown_penalty_type_is_refused_clearly(model):
     ids, mask = padded_batch()
     with pytest.raises(ValueError, match="length_penalty_type='wu'.*'gnmt'"):
         model.generate(input_ids=ids, attention_mask=mask, length_penalty_type="wu")
+
+
+@torch.no_grad()
+def test_decoding_settings_belong_to_the_call():
+    """A generate() call made inside another (here by a logits processor) with other settings leaves the outer
+    call's GNMT penalty alone, and no setting stays on the model: they travel on each call's generation config."""
+    model = _eos_bias(tiny_model(seed=2, lm_head_bias=True), 2.5)
+    ids, mask = padded_batch()
+    kwargs = dict(input_ids=ids, attention_mask=mask, length_penalty=1.0, length_penalty_type="gnmt",
+                  return_dict_in_generate=True, output_scores=True)
+    expected = model.generate(**kwargs)
+
+    class NestedCall(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            model.generate(input_ids=ids[:1], attention_mask=mask[:1], num_beams=2, max_new_tokens=2,
+                           length_penalty_type="hf", decoding_loop="transformers")
+            return scores
+
+    attributes = set(vars(model))
+    nested = model.generate(logits_processor=LogitsProcessorList([NestedCall()]), **kwargs)
+    assert torch.equal(nested.sequences, expected.sequences)
+    assert torch.equal(nested.sequences_scores, expected.sequences_scores)
+    assert set(vars(model)) == attributes

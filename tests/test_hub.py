@@ -13,7 +13,10 @@ from translation_helpers import make_model_folder, run_without_package
 
 from vaswani.hub import CardInfo, files_to_upload, model_card
 
-CODE_FILES = {"configuration.py", "modeling.py", "generation.py", "decoding.py", "pipeline.py"}  # none for tokenizers
+#: none for tokenizers; modeling.py's siblings travel as its relative imports, pipeline.py as custom_pipelines names it
+CODE_FILES = {
+    "configuration.py", "modeling.py", "unpadded.py", "losses.py", "generation.py", "decoding.py", "pipeline.py"
+}
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 
 

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import padded_batch, tiny_model
+from helpers import padded_batch, tiny_model
 from transformers import MarianConfig, MarianMTModel
 
 from vaswani.convert import marian_to_vaswani, vaswani_to_marian
@@ -157,14 +157,20 @@ def test_export_refuses_what_marian_cannot_express():
 
 
 def test_remote_code_loads_without_package(tmp_path):
-    """A saved folder runs with trust_remote_code in a process where `vaswani` cannot be imported."""
+    """A saved folder runs with trust_remote_code in a process where `vaswani` cannot be imported: decoding, and a
+    training step through the speed paths (padding removed, the fused output layer and loss)."""
     model = tiny_model()
     model.config.auto_map = {"AutoModel": "modeling.VaswaniModel"}
     model.save_pretrained(tmp_path)
-    assert {"configuration.py", "modeling.py"} <= {p.name for p in tmp_path.iterdir()}
+    siblings = {"unpadded.py", "losses.py", "generation.py", "decoding.py", "pipeline.py"}
+    assert {"configuration.py", "modeling.py", *siblings} <= {p.name for p in tmp_path.iterdir()}
     ids, mask = padded_batch()
     expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)
-    torch.save({"ids": ids, "mask": mask, "expected": expected}, tmp_path / "probe.pt")
+    labels = ids.masked_fill(mask == 0, -100)
+    torch.manual_seed(0)  # the same dropout masks in both processes
+    loss = model.train()(input_ids=ids, attention_mask=mask, labels=labels, label_smoothing=0.1, skip_logits=True).loss
+    probe = {"ids": ids, "mask": mask, "labels": labels, "expected": expected, "loss": loss.detach()}
+    torch.save(probe, tmp_path / "probe.pt")
     script = textwrap.dedent(f"""
         import sys
         sys.modules["vaswani"] = None  # the package is not importable here
@@ -175,6 +181,11 @@ def test_remote_code_loads_without_package(tmp_path):
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         out = model.generate(input_ids=probe["ids"], attention_mask=probe["mask"], max_new_tokens=8)
         assert torch.equal(out, probe["expected"]), (out, probe["expected"])
+        torch.manual_seed(0)
+        loss = model.train()(input_ids=probe["ids"], attention_mask=probe["mask"], labels=probe["labels"],
+                             label_smoothing=0.1, skip_logits=True).loss
+        assert torch.allclose(loss, probe["loss"], atol=1e-5), (loss, probe["loss"])
+        loss.backward()
         base = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
         assert type(base).__name__ == "VaswaniModel"
         print("remote-ok")

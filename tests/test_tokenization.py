@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import MULTI30K, fixture_lines, needs_multi30k
+from helpers import MULTI30K, fixture_lines, needs_multi30k
 from tokenizers import Tokenizer, models
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 

@@ -4,7 +4,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoToken
 
 from .configuration import PRESETS, VaswaniConfig
 from .modeling import VaswaniForConditionalGeneration, VaswaniModel, VaswaniPreTrainedModel
-from .pipeline import VaswaniTranslationPipeline, register_pipelines
+from .pipeline import CUSTOM_PIPELINES, VaswaniTranslationPipeline, register_pipelines
 from .tokenization import VaswaniTokenizerFast
 
 AutoConfig.register(VaswaniConfig.model_type, VaswaniConfig, exist_ok=True)
@@ -15,6 +15,7 @@ VaswaniModel.register_for_auto_class("AutoModel")
 VaswaniForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 AutoTokenizer.register(VaswaniConfig, tokenizer_class=VaswaniTokenizerFast, exist_ok=True)
 register_pipelines()  # translation and text2text-generation, removed in transformers 5.24
+VaswaniForConditionalGeneration.saved_pipelines = CUSTOM_PIPELINES  # saved folders declare them, with pipeline.py
 
 __all__ = [
     "PRESETS",

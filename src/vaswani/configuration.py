@@ -125,7 +125,6 @@ class VaswaniConfig(PreTrainedConfig):
     share_encoder_decoder_embeddings: bool = True
     tie_word_embeddings: bool = True
     lm_head_bias: bool = False
-    init_std: float = 0.02
     pad_token_id: int | None = 0
     bos_token_id: int | None = 2
     eos_token_id: int | None = 3
@@ -204,22 +203,19 @@ WRITTEN_BY_TRANSFORMERS = (
 )
 
 
+#: Fields earlier versions wrote that nothing reads any more: accepted in a config.json, and ignored.
+RETIRED_KEYS = ("init_std",)
+
+
 def known_config_keys() -> set[str]:
-    """Every key a ``VaswaniConfig`` understands: its fields and aliases and the standard ``PreTrainedConfig``
-    ones (``architectures``, ``auto_map``, ``dtype``, ...) that transformers reads and writes."""
+    """Every key a ``VaswaniConfig`` understands: its fields and aliases, the standard ``PreTrainedConfig``
+    ones (``architectures``, ``auto_map``, ``dtype``, ...) that transformers reads and writes, and the
+    :data:`RETIRED_KEYS` of older config.json files."""
     keys = set(VaswaniConfig().to_dict()) | set(VaswaniConfig.attribute_map) | set(WRITTEN_BY_TRANSFORMERS)
+    keys |= set(RETIRED_KEYS)
     for cls in VaswaniConfig.__mro__:
         keys |= {name for name in getattr(cls, "__annotations__", {}) if not name.startswith("_")}
     return keys
-
-
-def known_generation_keys() -> set[str]:
-    """Every key a generation_config.json may hold: transformers' ``GenerationConfig`` and the paper's decoding."""
-    from transformers import GenerationConfig
-
-    from .generation import PAPER_DECODING_FIELDS
-
-    return set(GenerationConfig().to_dict()) | set(PAPER_DECODING_FIELDS) | {"decoding_loop"}
 
 
 def check_known_keys(keys: Iterable[str], known: Collection[str], where: str) -> None:
@@ -255,27 +251,3 @@ def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
 
 def _largest_divisor_at_most(n: int, k: int) -> int:
     return max(d for d in range(1, k + 1) if n % d == 0)
-
-
-#: Parameter counts the paper reports in Table 3 (millions).
-PAPER_PARAMETERS_M = {"base": 65, "big": 213}
-
-
-def parameter_count_table(vocab_size: int = 37000) -> str:
-    """A Markdown table of parameter counts of the paper's presets with a shared vocabulary."""
-    from .modeling import VaswaniForConditionalGeneration
-
-    rows = ["| preset | parameters (this package) | paper (Table 3) |", "|---|---|---|"]
-    for name in ("base", "big"):
-        config = VaswaniConfig.from_preset(name, vocab_size=vocab_size)
-        with _meta_device():
-            model = VaswaniForConditionalGeneration(config)
-        count = model.num_parameters()
-        rows.append(f"| {name} | {count:,} ({count / 1e6:.1f}M) | {PAPER_PARAMETERS_M[name]}M |")
-    return "\n".join(rows)
-
-
-def _meta_device():
-    import torch
-
-    return torch.device("meta")

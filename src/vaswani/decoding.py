@@ -16,13 +16,14 @@ the batch. This loop computes the same search with less work per step, as fairse
 The search is transformers' vectorised beam search (``GenerationMixin._beam_search``) step for step: the top
 2k continuations over all beams; those ending in ``</s>`` among the top k become finished hypotheses, scored
 log P(Y|X) / lp(Y) with transformers' |Y|^α or GNMT's ((5 + |Y|) / 6)^α (Wu et al. 2016, §7;
-``length_penalty_type``, see :mod:`.generation`); the best k others continue; transformers' early-stopping
-rules end a sentence. Greedy search (``num_beams=1``) is transformers' too. So the output tokens are the same
-as with transformers' loops. :func:`unsupported_options` lists what this loop does not do; ``generate()`` then
-uses transformers' loop, as it does when asked with ``decoding_loop="transformers"``.
+``length_penalty_type``, see :mod:`.generation`; :func:`gnmt_length_penalty`); the best k others continue;
+transformers' early-stopping rules end a sentence. Greedy search (``num_beams=1``) is transformers' too. So the
+output tokens are the same as with transformers' loops. :func:`unsupported_options` lists what this loop does not
+do; ``generate()`` then uses transformers' loop, as it does when asked with ``decoding_loop="transformers"``. The
+per-sentence output limit (§6.1) is a logits processor, :class:`SentenceLengthLimit`, that both loops apply.
 
-This file is copied next to a saved model (``modeling.py`` imports it), so it imports only torch, transformers
-and sibling modules.
+This file is copied next to a saved model (``generation.py`` imports it), so it imports only torch and
+transformers.
 """
 
 from __future__ import annotations
@@ -34,16 +35,55 @@ from functools import partial
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.logits_process import MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.masking_utils import create_bidirectional_mask
 
-from .generation import SentenceLengthLimit, _setting, force_eos_at_limits, gnmt_length_penalty
+# ----------------------------------------------------------------------------------------------------------
+# The paper's length penalty and output limit (§6.1)
+# ----------------------------------------------------------------------------------------------------------
 
-#: ``decoding_loop`` values (``generate()`` argument or generation-config field): ours, when it supports the
-#: request, or always transformers'.
-DECODING_LOOPS = ("vaswani", "transformers")
+
+def gnmt_length_penalty(length: int | torch.Tensor, alpha: float) -> float | torch.Tensor:
+    """lp(Y) = ((5 + |Y|) / 6)^α (Wu et al. 2016, Eq. 14; the paper's α = 0.6)."""
+    return ((5 + length) / 6) ** alpha
+
+
+class SentenceLengthLimit(LogitsProcessor):
+    """Forces ``</s>`` as the last allowed token of each sentence's own output limit (§6.1): every other
+    token gets -inf there, ``</s>`` keeps its score (so beam scores stay true log-probabilities).
+
+    ``limits[i]`` is the most new tokens sentence ``i`` may have, ``</s>`` included. Rows of the scores are
+    sentences × beams (or × returned sequences), sentence-major, as ``generate()`` lays them out.
+    """
+
+    def __init__(self, limits: torch.Tensor, eos_token_id: int) -> None:
+        self.limits = limits
+        self.eos_token_id = eos_token_id
+        self.prompt_length: int | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prompt_length is None:  # the decoder prompt (usually the start token) is there at the first step
+            self.prompt_length = input_ids.shape[1]
+        generated = input_ids.shape[1] - self.prompt_length
+        limits = self.limits.to(scores.device).repeat_interleave(scores.shape[0] // self.limits.shape[0])
+        return force_eos_at_limits(scores, generated, limits, self.eos_token_id)
+
+
+def force_eos_at_limits(scores: torch.Tensor, generated: int, limits: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Rows whose next token is the last their limit allows (``limits``, one per row) keep only ``</s>``'s score."""
+    last_step = generated + 1 >= limits
+    if not bool(last_step.any()):
+        return scores
+    only_eos = torch.full_like(scores, -math.inf)  # </s> keeps its own score, as in fairseq
+    only_eos[:, eos_token_id] = scores[:, eos_token_id]
+    return torch.where(last_step[:, None], only_eos, scores)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What this loop supports
+# ----------------------------------------------------------------------------------------------------------
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 SUPPORTED_LOGITS_PROCESSORS = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor, SentenceLengthLimit)
@@ -128,58 +168,6 @@ def _new_tokens_before_eos(processor: object, prompt: int) -> int:
     if isinstance(processor, MinNewTokensLengthLogitsProcessor):
         return processor.min_new_tokens + processor.prompt_length_to_skip - prompt
     return 0
-
-
-class IncrementalDecodingMixin:
-    """Serves ``generate()``'s beam search and greedy search with :func:`beam_search` / :func:`greedy_search`
-    when ``decoding_loop`` is ``"vaswani"`` (the default) and :func:`unsupported_options` finds nothing;
-    transformers' own loops otherwise."""
-
-    _decoding_loop: str = "vaswani"
-
-    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
-        """``generate()`` plus ``decoding_loop`` (``"vaswani"`` / ``"transformers"``), taken from the call, else
-        from ``generation_config``, else from the model's generation config."""
-        loop = _setting("decoding_loop", kwargs, generation_config, self.generation_config) or "vaswani"
-        if loop not in DECODING_LOOPS:
-            raise ValueError(f"decoding_loop={loop!r} is not one of {DECODING_LOOPS}.")
-        self._decoding_loop = loop
-        try:
-            return super().generate(inputs, generation_config=generation_config, **kwargs)
-        finally:
-            self._decoding_loop = "vaswani"
-
-    def _our_loop_serves(self, *request, **options) -> bool:
-        return self._decoding_loop == "vaswani" and not unsupported_options(self, *request, **options)
-
-    def _beam_search(
-        self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False, **model_kwargs
-    ):
-        request = (input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
-        if self._our_loop_serves(*request, synced_gpus=synced_gpus):
-            return beam_search(
-                self, input_ids, logits_processor, generation_config, model_kwargs, self._length_penalty_type
-            )
-        return super()._beam_search(
-            input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, **model_kwargs
-        )
-
-    def _sample(
-        self,
-        input_ids,
-        logits_processor,
-        stopping_criteria,
-        generation_config,
-        synced_gpus=False,
-        streamer=None,
-        **model_kwargs,
-    ):
-        request = (input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
-        if self._our_loop_serves(*request, synced_gpus=synced_gpus, streamer=streamer):
-            return greedy_search(self, input_ids, logits_processor, generation_config, model_kwargs)
-        return super()._sample(
-            input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, **model_kwargs
-        )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 ``vaswani push MODEL_DIR REPO_ID`` uploads, in one commit: ``model*.safetensors`` (and the shard index),
 ``config.json``, ``generation_config.json``, the tokenizer files (a plain ``PreTrainedTokenizerFast``, so
 ``AutoTokenizer`` needs no remote code), the model code that ``save_pretrained`` copied (``configuration.py``,
-``modeling.py``, ``generation.py``, ``decoding.py``, ``pipeline.py``: the modules ``auto_map`` names and what
-they import, so ``trust_remote_code=True`` works without the package) and ``README.md``, a model card with the
+``modeling.py`` and the modules it imports, ``pipeline.py``: the modules ``auto_map`` names and what they import,
+so ``trust_remote_code=True`` works without the package) and ``README.md``, a model card with the
 Hub's metadata header (languages, license, datasets, BLEU as a model-index result) and the training recipe.
 Nothing else in the folder (checkpoints, optimizer state, logs, other ``.py`` or ``.safetensors`` files) is sent.
 """
@@ -75,15 +75,18 @@ def files_to_upload(model_dir: str | os.PathLike[str]) -> list[Path]:
 
 
 def code_files(folder: Path) -> list[Path]:
-    """The model's own code: the modules the ``auto_map`` of config.json and tokenizer_config.json name, and
-    the modules they import relatively (as ``trust_remote_code`` loads them); other ``.py`` files stay home."""
+    """The model's own code: the modules the ``auto_map`` of config.json and tokenizer_config.json and the
+    ``custom_pipelines`` of config.json name, and the modules they import relatively (as ``trust_remote_code``
+    loads them); other ``.py`` files stay home."""
     from transformers.dynamic_module_utils import get_relative_imports
 
     refs = []
     for name in ("config.json", "tokenizer_config.json"):
         if (folder / name).is_file():
-            for ref in json.loads((folder / name).read_text()).get("auto_map", {}).values():
+            saved = json.loads((folder / name).read_text())
+            for ref in saved.get("auto_map", {}).values():
                 refs += ref if isinstance(ref, list) else [ref]
+            refs += [spec.get("impl") for spec in saved.get("custom_pipelines", {}).values()]
     pending = {f"{ref.split('.')[0]}.py" for ref in refs if isinstance(ref, str)}
     found: set[str] = set()
     while pending:

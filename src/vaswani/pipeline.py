@@ -7,8 +7,9 @@ paper's beam search, §6.1), and every ``generate()`` option can be passed at co
 How ``pipeline(task, model=folder)`` finds it:
 
 * every saved Vaswani folder lists it in ``config.json`` under ``custom_pipelines`` and carries this file
-  (``modeling.py`` imports it, so ``save_pretrained`` copies it): ``pipeline("translation", model=folder,
-  trust_remote_code=True)`` works where the package is not installed, with or without it;
+  (``import vaswani`` hands :data:`CUSTOM_PIPELINES` to the model class, whose ``save_pretrained`` writes them
+  and copies this file): ``pipeline("translation", model=folder, trust_remote_code=True)`` works where the
+  package is not installed, with or without it;
 * ``import vaswani`` registers it under both task names, so a model object works without remote code:
   ``pipeline("translation", model=model, tokenizer=tokenizer)``; transformers 4's language-pair names
   (``"translation_en_to_de"``) resolve to ``"translation"`` (the languages are the model's).

@@ -16,7 +16,7 @@ def _add_params(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_params(args: argparse.Namespace) -> None:
-    from ..configuration import parameter_count_table
+    from ..report import parameter_count_table
 
     print(parameter_count_table(args.vocab_size))
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..modeling import token_cross_entropy
+from ..losses import token_cross_entropy
 
 
 def label_smoothed_cross_entropy(

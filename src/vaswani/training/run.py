@@ -23,8 +23,8 @@ from ..configuration import (
     check_config_dict,
     check_known_keys,
     known_config_keys,
-    known_generation_keys,
 )
+from ..generation import known_generation_keys
 from ..modeling import VaswaniForConditionalGeneration
 from ..perf import tune_cpu_training
 from ..tokenization import load_tokenizer

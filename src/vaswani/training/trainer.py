@@ -28,7 +28,7 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, TrainerCallback
 
-from ..configuration import WRITTEN_BY_TRANSFORMERS
+from ..configuration import RETIRED_KEYS, WRITTEN_BY_TRANSFORMERS
 from .batching import token_batch_sampler_for
 from .loss import make_compute_loss_func
 from .schedule import NoamLambda, get_noam_schedule, paper_adam
@@ -93,7 +93,7 @@ class VaswaniTrainer(Seq2SeqTrainer):
         self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
     ):
         """The model's own loss with ``label_smoothing``: given the labels, a Vaswani model computes only the
-        positions the loss reads (see ``modeling.Packing``), and it leaves out the logits when only the loss is
+        positions the loss reads (see ``unpadded.Unpadded``), and it leaves out the logits when only the loss is
         wanted (a training step)."""
         if "labels" in inputs and self.compute_loss_func is None:
             if self.label_smoothing:
@@ -282,8 +282,8 @@ def explained_stops(run_dir: Path) -> Iterator[None]:
         ) from None
 
 
-#: Config entries that record how a model was saved or is run rather than what it is.
-_SAVING_KEYS = {*WRITTEN_BY_TRANSFORMERS, "use_cache"}
+#: Config entries that record how a model was saved or is run rather than what it is, and retired ones.
+_SAVING_KEYS = {*WRITTEN_BY_TRANSFORMERS, *RETIRED_KEYS, "use_cache"}
 
 
 def check_resumable(config: Any, checkpoint: Path) -> None:
