@@ -1038,11 +1038,12 @@ class VaswaniForConditionalGeneration(
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
-        label_smoothing: float = 0.0,
+        smoothing: float = 0.0,
         skip_logits: bool = False,
         **kwargs,
     ) -> Seq2SeqLMOutput:
-        """With ``labels``: the loss, label-smoothed by ``label_smoothing`` (§5.4). In training only the
+        """With ``labels``: the loss, label-smoothed by ``smoothing`` = ε_ls (§5.4; named without "label" so
+        that transformers' Trainer takes only ``labels`` for a label column). In training only the
         positions up to each row's last label are computed (see :class:`Packing`), and the output layer and
         loss run on the labelled positions alone; ``logits`` are zeros at the others. ``skip_logits=True`` (the
         name liger-kernel models use) returns ``logits=None`` instead of laying them out as ``[batch, len,
@@ -1071,11 +1072,11 @@ class VaswaniForConditionalGeneration(
         if packing is not None:  # the output layer and the loss on the labelled positions
             hidden_states, labels = packing.pack(hidden_states), packing.pack(labels)
         if labels is not None and skip_logits:
-            loss = output_layer_cross_entropy(self.lm_head, hidden_states, labels, num_items_in_batch, label_smoothing)
+            loss = output_layer_cross_entropy(self.lm_head, hidden_states, labels, num_items_in_batch, smoothing)
         else:
             logits = self.lm_head(hidden_states)
             if labels is not None:
-                loss = token_cross_entropy(logits, labels, num_items_in_batch, label_smoothing)
+                loss = token_cross_entropy(logits, labels, num_items_in_batch, smoothing)
             if skip_logits:
                 logits = None
             elif packing is not None:
