@@ -477,7 +477,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
 
 def test_choose_num_beams_takes_the_best_and_the_smaller_on_ties(monkeypatch):
-    from vaswani.training import demo
+    from vaswani.demo import run as demo
 
     pairs = [("one", "eins"), ("two", "zwei")]
     outputs = {1: ["eins", "x"], 4: ["eins", "zwei"], 8: ["eins", "zwei"]}

@@ -153,6 +153,7 @@ def train_parser() -> Any:
     """``vaswani train``'s ``HfArgumentParser``: :class:`TrainOptions`, the corpus options and every
     ``Seq2SeqTrainingArguments`` field, with the recipe's defaults and the earlier flag spellings."""
     from transformers import HfArgumentParser, Seq2SeqTrainingArguments
+    from transformers.hf_argparser import string_to_bool
 
     from ..training.run import RECIPE_DEFAULTS, device_defaults
     from . import DefaultsShown
@@ -171,12 +172,13 @@ def train_parser() -> Any:
     by_dest = {action.dest: action for action in parser._actions}
     for alias, dest in ALIASES.items():
         action = by_dest[dest]
+        switch = action.type is string_to_bool  # a yes/no field: the alias alone says yes
         parser.add_argument(
             alias,
             dest=dest,
             type=action.type,
-            nargs=action.nargs,
-            const=action.const,
+            nargs="?" if switch else action.nargs,
+            const=True if switch else action.const,
             choices=action.choices,
             default=argparse.SUPPRESS,
             help=f"same as {action.option_strings[0]}",

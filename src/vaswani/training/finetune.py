@@ -64,11 +64,11 @@ def source_config(source: str) -> PreTrainedConfig:
     except ValueError as err:  # an unknown model_type
         raise ValueError(f"--init-from {source}: {str(err).splitlines()[0]}") from None
     if config.model_type not in ("vaswani", "marian"):
-        kind = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "not a seq2seq"
+        kind = "a seq2seq model of another architecture" if config.is_encoder_decoder else "not a seq2seq model"
         raise ValueError(
-            f"--init-from {source}: a {config.model_type!r} checkpoint is {kind} model this recipe can continue; "
-            "pass a Vaswani model (from `vaswani train` or `vaswani convert marian`) or a MarianMTModel "
-            "(Helsinki-NLP/opus-mt-*), or train from scratch without --init-from."
+            f"--init-from {source}: a {config.model_type!r} checkpoint is {kind}; --init-from takes a Vaswani model "
+            "(from `vaswani train` or `vaswani convert marian`) or a MarianMTModel (Helsinki-NLP/opus-mt-*). "
+            "Train from scratch without --init-from otherwise."
         )
     return config
 
