@@ -399,6 +399,7 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
     the process gets :func:`vaswani.perf.tune_cpu_training` (allocator settings, denormals flushed to zero)."""
     started = time.monotonic()  # the time budget (``max_minutes``) counts from here
     check_schedule(settings)
+    args = run_arguments(settings, settings.valid_corpus is not None)
     state = PartialState(cpu=settings.args.use_cpu)  # as the Trainer will: else CPU processes do not see each other
     if (finished := finished_result(settings)) is not None:
         print(f"{settings.output_dir} holds a finished run of {finished.steps} updates; nothing to resume "
@@ -448,7 +449,7 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
         callbacks = [*callbacks, EarlyStoppingCallback(early_stopping_patience=settings.patience)]
     trainer = VaswaniTrainer(
         model=model,
-        args=run_arguments(settings, valid_set is not None),
+        args=args,
         train_dataset=train_set,
         eval_dataset=valid_set,
         data_collator=seq2seq_collator(tokenizer, model),
