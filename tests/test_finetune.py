@@ -31,6 +31,12 @@ SHAPE = ["--set", "d_model=32", "encoder_layers=1", "decoder_layers=1", "encoder
 QUICK = ["--max-tokens", "400", "--warmup-steps", "4", "--logging-steps", "1", "--no-progress", "--seed", "1"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _denormals_back():
+    yield
+    torch.set_flush_denormal(False)  # training here flushed denormals for the whole process (tune_cpu_training)
+
+
 def cli(argv) -> None:
     main([str(a) for a in argv])
 
