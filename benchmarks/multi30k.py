@@ -19,7 +19,7 @@ from multi30k_data import add_data_argument, require_files
 from vaswani.demo.run import translate_lines
 from vaswani.training.data import read_lines
 from vaswani.training.metrics import bleu
-from vaswani.training.run import TrainSettings, train
+from vaswani.training.run import TrainSettings, recipe_arguments, train
 
 
 def main() -> None:
@@ -53,26 +53,26 @@ def main() -> None:
     require_files(parser, *(path for split in ("train", "test_2016_flickr") for path in files(split).values()))
 
     settings = TrainSettings(
-        output_dir=output,
+        args=recipe_arguments(
+            output,
+            num_train_epochs=1000,
+            max_steps=args.max_steps,
+            warmup_steps=args.warmup_steps,
+            learning_rate=args.lr_scale,
+            save_steps=args.save_steps,
+            save_total_limit=args.average_last,
+            logging_steps=100,
+            bf16=args.bf16,
+            disable_tqdm=True,
+        ),
         train_corpus=files("train"),
         preset=args.preset,
         vocab_size=args.vocab_size,
         max_tokens=args.max_tokens,
-        epochs=1000,
-        max_steps=args.max_steps,
         cooldown_steps=args.cooldown_steps,
         max_minutes=args.minutes,
-        warmup_steps=args.warmup_steps,
-        lr_scale=args.lr_scale,
-        save_steps=args.save_steps,
-        save_total_limit=args.average_last,
         average_last=args.average_last,
-        eval_steps=0,
-        logging_steps=100,
-        bf16=args.bf16,
         overwrite=True,
-        report_to="none",
-        progress=False,
     )
     start = time.monotonic()
     result = train(settings)

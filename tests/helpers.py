@@ -59,3 +59,52 @@ def padded_batch(vocab_size: int = 97, lengths=(9, 6, 3), seed: int = 1, pad: in
         ids[row, length - 1] = eos
         mask[row, :length] = 1
     return ids, mask
+
+
+def marian_tokenizer(folder: Path):
+    """A MarianTokenizer from a SentencePiece model trained on the fixture pairs (Marian's layout:
+    source/target.spm, vocab.json), as OPUS-MT checkpoints have."""
+    import io
+    import json
+
+    import sentencepiece as spm
+    from transformers import MarianTokenizer
+
+    texts = fixture_lines("en") + fixture_lines("de")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=120, character_coverage=1.0,
+        unk_id=1, bos_id=-1, eos_id=0, pad_id=-1, minloglevel=2,
+    )
+    for name in ("source.spm", "target.spm"):
+        (folder / name).write_bytes(model.getvalue())
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = {processor.id_to_piece(i): i for i in range(processor.get_piece_size())}
+    vocab["<pad>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    return MarianTokenizer(str(folder / "source.spm"), str(folder / "target.spm"), str(folder / "vocab.json"))
+
+
+def save_small_marian(folder: Path, seed: int = 0) -> Path:
+    """A small random MarianMTModel (OPUS-MT's choices: swish, scaled embeddings, [sin | cos] positions) with a
+    real SentencePiece tokenizer, saved into ``folder``."""
+    from transformers import MarianConfig, MarianMTModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = marian_tokenizer(folder)
+    pad = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    config = MarianConfig(
+        vocab_size=len(tokenizer), decoder_vocab_size=len(tokenizer), d_model=32, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        pad_token_id=pad, decoder_start_token_id=pad, eos_token_id=0, forced_eos_token_id=0,
+        max_position_embeddings=128, activation_function="swish", scale_embedding=True,
+    )
+    marian = MarianMTModel(config).eval()
+    with torch.no_grad():
+        marian.final_logits_bias.normal_()
+        marian.final_logits_bias[0, 0] += 3.0  # end sentences within a few tokens
+    marian.generation_config.update(num_beams=4, max_length=40, bad_words_ids=[[pad]])
+    marian.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -2,6 +2,7 @@
 130 for Ctrl-C), never a traceback, an index error deep in torch or a silently wrong result."""
 
 import argparse
+import dataclasses
 import gzip
 import io
 import json
@@ -232,12 +233,17 @@ def corpus(tmp_path_factory):
 
 
 def _settings(output, corpus, **overrides):
-    from vaswani.training.run import TrainSettings
+    from transformers import Seq2SeqTrainingArguments
 
-    values = dict(output_dir=output, train_corpus=corpus, preset="tiny", vocab_size=300, max_tokens=400, max_steps=3,
-                  warmup_steps=10, save_steps=3, eval_steps=0, report_to="none", progress=False,
+    from vaswani.training.run import TrainSettings, recipe_arguments
+
+    arguments = dict(max_steps=3, warmup_steps=10, save_steps=3, disable_tqdm=True)
+    values = dict(train_corpus=corpus, preset="tiny", vocab_size=300, max_tokens=400,
                   config_overrides={"d_model": 32, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64})
-    return TrainSettings(**{**values, **overrides})
+    names = {f.name for f in dataclasses.fields(Seq2SeqTrainingArguments)}
+    for key, value in overrides.items():
+        (arguments if key in names else values)[key] = value
+    return TrainSettings(args=recipe_arguments(output, **arguments), **values)
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +259,7 @@ def test_warmup_steps_zero_is_refused_before_reading_the_corpus(tmp_path):
     missing = {"source": tmp_path / "none.en", "target": tmp_path / "none.de"}
     from vaswani.training.run import train
 
-    with pytest.raises(ValueError, match="--warmup-steps must be >= 1"):
+    with pytest.raises(ValueError, match="--warmup-steps must be > 0"):
         train(_settings(tmp_path / "out", missing, warmup_steps=0))
 
 

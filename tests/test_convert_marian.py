@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import fixture_lines
+from helpers import save_small_marian
 from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration, MarianConfig, MarianMTModel
 
 from vaswani.cli import main
@@ -15,47 +15,9 @@ spm = pytest.importorskip("sentencepiece")
 SENTENCES = ["Two dogs play in the snow.", "A man in a blue shirt is standing on a ladder.", "Kinder."]
 
 
-def _marian_tokenizer(folder):
-    """A MarianTokenizer from a SentencePiece model trained here (Marian's layout: source/target.spm, vocab)."""
-    import io
-
-    from transformers import MarianTokenizer
-
-    texts = fixture_lines("en") + fixture_lines("de")
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=120, character_coverage=1.0,
-        unk_id=1, bos_id=-1, eos_id=0, pad_id=-1, minloglevel=2,
-    )
-    for name in ("source.spm", "target.spm"):
-        (folder / name).write_bytes(model.getvalue())
-    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    vocab = {processor.id_to_piece(i): i for i in range(processor.get_piece_size())}
-    vocab["<pad>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    return MarianTokenizer(str(folder / "source.spm"), str(folder / "target.spm"), str(folder / "vocab.json"))
-
-
 @pytest.fixture(scope="module")
 def marian_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("marian")
-    tokenizer = _marian_tokenizer(folder)
-    pad = tokenizer.pad_token_id
-    torch.manual_seed(0)
-    config = MarianConfig(
-        vocab_size=len(tokenizer), decoder_vocab_size=len(tokenizer), d_model=32, encoder_layers=2, decoder_layers=2,
-        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-        pad_token_id=pad, decoder_start_token_id=pad, eos_token_id=0, forced_eos_token_id=0,
-        max_position_embeddings=128, activation_function="swish", scale_embedding=True,
-    )
-    marian = MarianMTModel(config).eval()
-    with torch.no_grad():
-        marian.final_logits_bias.normal_()
-        marian.final_logits_bias[0, 0] += 3.0  # end sentences within a few tokens
-    marian.generation_config.update(num_beams=4, max_length=40, bad_words_ids=[[pad]])
-    marian.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_small_marian(tmp_path_factory.mktemp("marian"))
 
 
 @pytest.fixture(scope="module")

@@ -92,16 +92,16 @@ def test_compute_loss_func_for_trainer():
 
 @pytest.mark.parametrize("training", [False, True])
 def test_model_loss_with_label_smoothing_is_this_loss(training):
-    """``model(labels=..., label_smoothing=ε).loss`` (what VaswaniTrainer uses) equals this function on the
+    """``model(labels=..., smoothing=ε).loss`` (what VaswaniTrainer uses) equals this function on the
     model's logits, in training too, where the model computes only the labelled positions."""
     ids, mask = padded_batch(lengths=(9, 6, 3))
     labels = torch.tensor([[7, 8, 3], [9, 3, -100], [3, -100, -100]])
     model = tiny_model(dropout=0.0).train(training)
-    out = model(input_ids=ids, attention_mask=mask, labels=labels, label_smoothing=0.1)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, smoothing=0.1)
     torch.testing.assert_close(out.loss, label_smoothed_cross_entropy(out.logits, labels, 0.1))
-    with pytest.raises(ValueError, match="label_smoothing"):
-        model(input_ids=ids, attention_mask=mask, labels=labels, label_smoothing=1.5)
-    skipped = model(input_ids=ids, attention_mask=mask, labels=labels, label_smoothing=0.1, skip_logits=True)
+    with pytest.raises(ValueError, match="label smoothing epsilon"):
+        model(input_ids=ids, attention_mask=mask, labels=labels, smoothing=1.5)
+    skipped = model(input_ids=ids, attention_mask=mask, labels=labels, smoothing=0.1, skip_logits=True)
     assert skipped.logits is None
     torch.testing.assert_close(skipped.loss, out.loss)
 
@@ -118,11 +118,13 @@ def test_trainer_asks_for_logits_only_when_it_returns_outputs(tmp_path):
     forward = model.forward
 
     def recording_forward(*args, **kwargs):
-        seen.append((kwargs.get("skip_logits"), kwargs.get("label_smoothing")))
+        seen.append((kwargs.get("skip_logits"), kwargs.get("smoothing")))
         return forward(*args, **kwargs)
 
-    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-    trainer = VaswaniTrainer(model=model, args=args, label_smoothing=0.1)
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, label_smoothing_factor=0.1
+    )
+    trainer = VaswaniTrainer(model=model, args=args)
     model.forward = recording_forward
     ids, mask = padded_batch(lengths=(5, 3))
     inputs = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([[7, 8, 3], [9, 3, -100]])}

@@ -109,7 +109,7 @@ def test_training_step_without_logits_has_the_gradients_of_one_with_logits(bf16)
     for skip_logits in (False, True):
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(input_ids=ids, attention_mask=mask, labels=labels, label_smoothing=0.1, skip_logits=skip_logits)
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, smoothing=0.1, skip_logits=skip_logits)
         out.loss.backward()
         results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (loss, grads), (skipped_loss, skipped_grads) = results

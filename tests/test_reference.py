@@ -168,7 +168,7 @@ def test_remote_code_loads_without_package(tmp_path):
     expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)
     labels = ids.masked_fill(mask == 0, -100)
     torch.manual_seed(0)  # the same dropout masks in both processes
-    loss = model.train()(input_ids=ids, attention_mask=mask, labels=labels, label_smoothing=0.1, skip_logits=True).loss
+    loss = model.train()(input_ids=ids, attention_mask=mask, labels=labels, smoothing=0.1, skip_logits=True).loss
     probe = {"ids": ids, "mask": mask, "labels": labels, "expected": expected, "loss": loss.detach()}
     torch.save(probe, tmp_path / "probe.pt")
     script = textwrap.dedent(f"""
@@ -183,7 +183,7 @@ def test_remote_code_loads_without_package(tmp_path):
         assert torch.equal(out, probe["expected"]), (out, probe["expected"])
         torch.manual_seed(0)
         loss = model.train()(input_ids=probe["ids"], attention_mask=probe["mask"], labels=probe["labels"],
-                             label_smoothing=0.1, skip_logits=True).loss
+                             smoothing=0.1, skip_logits=True).loss
         assert torch.allclose(loss, probe["loss"], atol=1e-5), (loss, probe["loss"])
         loss.backward()
         base = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)

@@ -88,3 +88,16 @@ def test_paper_adam_hyperparameters():
     group = _optimizer().param_groups[0]
     assert group["betas"] == (0.9, 0.98)
     assert math.isclose(group["eps"], 1e-9)
+
+
+def test_fine_tuning_schedules_warm_up_to_the_rate_given():
+    from vaswani.training.schedule import noam_peak, scheduled_lr
+
+    assert [scheduled_lr(s, 1e-4, 4, "constant") for s in (1, 2, 4, 100)] == pytest.approx([2.5e-5, 5e-5, 1e-4, 1e-4])
+    assert scheduled_lr(4, 1e-4, 4, "inverse_sqrt") == pytest.approx(1e-4)
+    assert scheduled_lr(16, 1e-4, 4, "inverse_sqrt") == pytest.approx(0.5e-4)  # sqrt(4 / 16)
+    # the paper's schedule is inverse_sqrt with its own peak
+    for step in (1, 100, 4000, 9000):
+        assert noam_lr(step, 512) == pytest.approx(scheduled_lr(step, noam_peak(512, 4000), 4000, "inverse_sqrt"))
+    with pytest.raises(ValueError, match="unknown decay 'cosine'"):
+        scheduled_lr(1, 1e-4, 4, "cosine")

@@ -1,5 +1,6 @@
 """The training recipe end to end: vaswani train, resume after SIGKILL, bad input, several processes."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -11,12 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    Seq2SeqTrainingArguments,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 from vaswani.cli import main
 from vaswani.demo.numbers import make_number_corpus, write_parallel_corpus
 from vaswani.training.averaging import run_of
-from vaswani.training.run import TrainSettings, train
+from vaswani.training.run import TrainSettings, recipe_arguments, train
 from vaswani.training.schedule import get_noam_schedule, noam_lr, paper_adam
 from vaswani.training.trainer import StopOnNonFiniteLoss, TimeBudget, last_complete_checkpoint
 
@@ -38,32 +46,30 @@ def corpus_dir(tmp_path_factory) -> Path:
     return out
 
 
+TRAINING_ARGUMENTS = {f.name for f in dataclasses.fields(Seq2SeqTrainingArguments)}
+
+
 def settings_for(corpus_dir: Path, output: Path, **overrides) -> TrainSettings:
+    """A few updates of the tiny model; ``overrides`` are TrainSettings or Seq2SeqTrainingArguments fields."""
     values = dict(
-        output_dir=output,
         train_corpus={"source": corpus_dir / "train.en", "target": corpus_dir / "train.de"},
         preset="tiny",
         config_overrides=dict(TINY),
         vocab_size=300,
         max_tokens=400,
-        max_steps=6,
-        warmup_steps=10,
-        save_steps=3,
-        logging_steps=1,
-        eval_steps=0,
-        report_to="none",
-        progress=False,
-        seed=3,
     )
-    values.update(overrides)
-    return TrainSettings(**values)
+    arguments = dict(max_steps=6, warmup_steps=10, save_steps=3, logging_steps=1, disable_tqdm=True, seed=3)
+    for key, value in overrides.items():
+        (arguments if key in TRAINING_ARGUMENTS else values)[key] = value
+    return TrainSettings(args=recipe_arguments(output, **arguments), **values)
 
 
 def test_train_produces_a_loadable_model_folder(corpus_dir, tmp_path):
     valid = {"source": corpus_dir / "validation.en", "target": corpus_dir / "validation.de"}
-    result = train(
-        settings_for(corpus_dir, tmp_path / "run", valid_corpus=valid, eval_beams=1, eval_steps=3, average_last=2)
+    settings = settings_for(
+        corpus_dir, tmp_path / "run", valid_corpus=valid, generation_num_beams=1, eval_steps=3, average_last=2
     )
+    result = train(settings)
     out = tmp_path / "run"
     assert result.steps == 6 and result.final_loss is not None
     assert len(result.averaged_checkpoints) == 2
@@ -278,7 +284,7 @@ def test_non_finite_loss_stops_without_saving():
 
 def test_diverging_run_reports_nan_and_keeps_last_good_checkpoint(corpus_dir, tmp_path):
     with pytest.raises(ValueError, match="NaN/inf at step"):
-        train(settings_for(corpus_dir, tmp_path / "nan", lr_scale=1e12, max_steps=40, warmup_steps=1))
+        train(settings_for(corpus_dir, tmp_path / "nan", learning_rate=1e12, max_steps=40, warmup_steps=1))
     saved = last_complete_checkpoint(tmp_path / "nan")
     if saved is not None:  # whatever was saved holds finite weights
         assert all(torch.isfinite(t).all() for t in load_file(saved / "model.safetensors").values())
@@ -471,7 +477,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
 
 def test_choose_num_beams_takes_the_best_and_the_smaller_on_ties(monkeypatch):
-    from vaswani.training import demo
+    from vaswani.demo import run as demo
 
     pairs = [("one", "eins"), ("two", "zwei")]
     outputs = {1: ["eins", "x"], 4: ["eins", "zwei"], 8: ["eins", "zwei"]}

@@ -108,8 +108,8 @@ def _card_info_from_run(folder: Path, info: CardInfo) -> CardInfo:
         return info
     run = json.loads(run_file.read_text())
     settings, result = run.get("settings", {}), run.get("result", {})
-    keys = ("preset", "max_tokens", "update_tokens", "epochs", "max_steps", "warmup_steps", "lr_scale",
-            "label_smoothing", "average_last", "bf16", "seed")
+    keys = ("init_from", "preset", "max_tokens", "update_tokens", "num_train_epochs", "max_steps", "lr_schedule",
+            "learning_rate", "warmup_steps", "label_smoothing_factor", "average_last", "bf16", "seed")
     recipe = {key: settings[key] for key in keys if settings.get(key) not in (None, -1)}
     recipe.update({key: result[key] for key in ("steps", "train_pairs", "train_seconds") if key in result})
     bleu = info.bleu

@@ -199,7 +199,7 @@ def _check_loss_arguments(
     inputs: torch.Tensor, labels: torch.Tensor, label_smoothing: float, name: str, last_dimension: str
 ) -> None:
     if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing (epsilon) must be in [0, 1), got {label_smoothing}")
+        raise ValueError(f"label smoothing epsilon must be in [0, 1), got {label_smoothing}")
     if labels.shape != inputs.shape[:-1]:
         raise ValueError(
             f"labels have shape {tuple(labels.shape)} but the {name} {tuple(inputs.shape)} need the same shape "

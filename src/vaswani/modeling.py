@@ -754,11 +754,12 @@ class VaswaniForConditionalGeneration(VaswaniPreTrainedModel, VaswaniGenerationM
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
-        label_smoothing: float = 0.0,
+        smoothing: float = 0.0,
         skip_logits: bool = False,
         **kwargs,
     ) -> Seq2SeqLMOutput:
-        """With ``labels``: the loss, label-smoothed by ``label_smoothing`` (§5.4). In training only the
+        """With ``labels``: the loss, label-smoothed by ``smoothing`` = ε_ls (§5.4; named without "label" so
+        that transformers' Trainer takes only ``labels`` for a label column). In training only the
         positions up to each row's last label are computed (:mod:`.unpadded`), and the output layer and
         loss run on the labelled positions alone; ``logits`` are zeros at the others. ``skip_logits=True`` (the
         name liger-kernel models use) returns ``logits=None`` instead of laying them out as ``[batch, len,
@@ -787,11 +788,11 @@ class VaswaniForConditionalGeneration(VaswaniPreTrainedModel, VaswaniGenerationM
         if unpadded is not None:  # the output layer and the loss on the labelled positions
             hidden_states, labels = unpadded.unpad(hidden_states), unpadded.unpad(labels)
         if labels is not None and skip_logits:
-            loss = output_layer_cross_entropy(self.lm_head, hidden_states, labels, num_items_in_batch, label_smoothing)
+            loss = output_layer_cross_entropy(self.lm_head, hidden_states, labels, num_items_in_batch, smoothing)
         else:
             logits = self.lm_head(hidden_states)
             if labels is not None:
-                loss = token_cross_entropy(logits, labels, num_items_in_batch, label_smoothing)
+                loss = token_cross_entropy(logits, labels, num_items_in_batch, smoothing)
             if skip_logits:
                 logits = None
             elif unpadded is not None:

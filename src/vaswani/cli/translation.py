@@ -69,6 +69,32 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_translate)
 
 
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "score", help="corpus BLEU and chrF of translations against references, with their sacreBLEU signatures"
+    )
+    p.add_argument("--hyp", required=True, help="translations, one per line (plain or .gz)")
+    p.add_argument(
+        "--ref", required=True, nargs="+", help="reference file(s), line-aligned with --hyp (plain or .gz)"
+    )
+    p.add_argument("--lowercase", action="store_true", help="score lower-cased text")
+    p.set_defaults(func=_run_score)
+
+
+def _run_score(args: argparse.Namespace) -> None:
+    from ..training.data import read_lines
+    from ..training.metrics import scores_with_signatures
+
+    hypotheses = list(read_lines(args.hyp))
+    references = [list(read_lines(path)) for path in args.ref]
+    for path, lines in zip(args.ref, references):
+        if len(lines) != len(hypotheses):
+            raise ValueError(f"{args.hyp} has {len(hypotheses)} lines but {path} has {len(lines)}; give line-aligned "
+                             "files (one translation per reference line)")
+    for name, score, signature in scores_with_signatures(hypotheses, list(zip(*references)), args.lowercase):
+        print(f"{name} = {score:.2f}  {signature}")
+
+
 def _read_input(args: argparse.Namespace) -> list[str]:
     if args.text and args.input:
         raise ValueError("give sentences as arguments or --input, not both")
@@ -158,4 +184,4 @@ def _translate_with_engine(args: argparse.Namespace, sentences: list[str], optio
     return translate(model, tokenizer, sentences, **options)
 
 
-COMMANDS = [_add_translate]
+COMMANDS = [_add_translate, _add_score]

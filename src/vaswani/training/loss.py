@@ -30,7 +30,7 @@ def label_smoothed_cross_entropy(
     ``num_items_in_batch`` when given (the Trainer's count of target tokens over all gradient-accumulation
     micro-batches), else by the number of non-ignored tokens (0 if there are none). Labels must already be
     aligned with the logits (no shift; for an encoder-decoder the decoder inputs are the shifted ones).
-    The model's own loss (``labels=..., label_smoothing=ε``) is this function.
+    The model's own loss (``labels=..., smoothing=ε``) is this function.
     """
     return token_cross_entropy(logits, labels, num_items_in_batch, epsilon, ignore_index)
 

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
-from transformers import GenerationConfig, Seq2SeqTrainingArguments, TrainerCallback, TrainerState
+from transformers import (
+    EarlyStoppingCallback,
+    GenerationConfig,
+    Seq2SeqTrainingArguments,
+    TrainerCallback,
+    TrainerState,
+)
 from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME
 
 from ..configuration import (
@@ -30,7 +37,9 @@ from ..perf import tune_cpu_training
 from ..tokenization import load_tokenizer
 from .averaging import RunIdentity, average_checkpoints, collect_checkpoints, numbered_checkpoints
 from .data import load_parallel_corpus, tokenize_corpus, train_tokenizer_from_corpus
+from .finetune import check_tokenizer_matches, fine_tuning_config, load_source_model, load_source_tokenizer
 from .metrics import make_compute_metrics
+from .schedule import SCHEDULES
 from .trainer import (
     TimeBudget,
     VaswaniTrainer,
@@ -43,16 +52,63 @@ from .trainer import (
 )
 
 RUN_FILE = "vaswani_run.json"
+#: With ``patience`` (or ``load_best_model_at_end``) and averaging, the best checkpoint as a model folder of its own.
+BEST_DIR = "best"
+
+#: The recipe's ``Seq2SeqTrainingArguments`` where they differ from transformers' defaults: the learning rate is
+#: the factor on the §5.3 schedule (1.0) with its 4,000 warm-up updates, Adam without weight decay or gradient
+#: clipping, ε_ls = 0.1 (§5.4), validation BLEU with beam 4 (§6.1), and no experiment tracker unless asked for.
+RECIPE_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 1.0,
+    "warmup_steps": 4000,
+    "weight_decay": 0.0,
+    "max_grad_norm": 0.0,
+    "label_smoothing_factor": 0.1,
+    "num_train_epochs": 10.0,
+    "per_device_eval_batch_size": 32,
+    "eval_strategy": "steps",
+    "eval_steps": 500,
+    "save_strategy": "steps",
+    "save_steps": 500,
+    "save_total_limit": 5,
+    "logging_steps": 50,
+    "predict_with_generate": True,
+    "generation_num_beams": 4,
+    "seed": 0,
+    "report_to": "none",
+    "ddp_find_unused_parameters": False,
+}
+
+
+def device_defaults() -> dict[str, Any]:
+    """Where the run trains: on the CPU unless there is a GPU (``use_cpu`` also makes CPU processes see each
+    other under ``accelerate launch``), pinned memory only for CUDA."""
+    return {"use_cpu": _trains_on_cpu(), "dataloader_pin_memory": torch.cuda.is_available()}
+
+
+def recipe_arguments(output_dir: str | Path, **fields: Any) -> Seq2SeqTrainingArguments:
+    """``Seq2SeqTrainingArguments`` with the recipe's defaults (:data:`RECIPE_DEFAULTS`); ``fields`` are any
+    of its fields, e.g. ``max_steps=1000, bf16=True``."""
+    return Seq2SeqTrainingArguments(output_dir=str(output_dir), **{**RECIPE_DEFAULTS, **device_defaults(), **fields})
 
 
 @dataclass
 class TrainSettings:
-    """Everything one training run needs; the command line maps onto these fields one to one."""
+    """One training run: transformers' ``Seq2SeqTrainingArguments`` (``args``: steps, checkpoints, precision,
+    logging, the learning rate, warm-up and ε_ls as ``label_smoothing_factor``; :func:`recipe_arguments`
+    gives the recipe's) and what the recipe adds: corpora, model, tokenizer, token batches, averaging.
 
-    output_dir: Path
+    ``init_from`` fine-tunes a Vaswani or Marian checkpoint (:mod:`vaswani.training.finetune`); ``preset``
+    None is ``base`` from scratch and the checkpoint's shape with ``init_from``. ``lr_schedule``: ``noam``
+    (§5.3, ``learning_rate`` its factor), or ``inverse_sqrt``/``constant`` at ``learning_rate`` for
+    fine-tuning. ``patience``: stop when the validation ``metric_for_best_model`` has not improved for that
+    many evaluations, keeping the best checkpoint."""
+
+    args: Seq2SeqTrainingArguments
     train_corpus: dict[str, Any]
     valid_corpus: dict[str, Any] | None = None
-    preset: str = "base"
+    init_from: str | None = None
+    preset: str | None = None
     config_file: Path | None = None
     config_overrides: dict[str, Any] = field(default_factory=dict)
     tokenizer: Path | None = None
@@ -61,33 +117,25 @@ class TrainSettings:
     max_length: int = 256
     max_tokens: int = 4096
     update_tokens: int | None = None
-    epochs: float = 10.0
-    max_steps: int = -1
     max_minutes: float | None = None
-    warmup_steps: int = 4000
-    lr_scale: float = 1.0
+    lr_schedule: str = "noam"
     cooldown_steps: int = 0
-    label_smoothing: float = 0.1
-    eval_steps: int = 500
-    eval_beams: int = 4
     eval_max_sentences: int | None = 500
-    save_steps: int = 500
-    save_total_limit: int | None = 5
     average_last: int = 0
-    logging_steps: int = 50
-    bf16: bool = False
-    seed: int = 0
+    patience: int | None = None
     resume: bool = False
     overwrite: bool = False
-    report_to: str = "all"
-    progress: bool = True
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args.output_dir)
 
 
 def _input_paths(settings: TrainSettings) -> list[Path]:
     """The existing files and folders the run reads (corpora, tokenizer, config), resolved."""
     corpora = [settings.train_corpus, settings.valid_corpus or {}]
     named = [corpus.get(key) for corpus in corpora for key in ("source", "target", "dataset")]
-    named += [settings.tokenizer, settings.config_file]
+    named += [settings.tokenizer, settings.config_file, settings.init_from]
     return [Path(p).resolve() for p in named if p is not None and Path(p).exists()]
 
 
@@ -145,10 +193,8 @@ def _read_run_file(out: Path) -> dict[str, Any]:
 def write_run_file(settings: TrainSettings, run_id: str, result: TrainResult | None = None) -> None:
     """``vaswani_run.json``: the run's id and settings from the start (it marks the folder as a run), and its
     result once finished."""
-    record: dict[str, Any] = {
-        "run_id": run_id,
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
-    }
+    recipe = {f.name: getattr(settings, f.name) for f in fields(settings) if f.name != "args"}
+    record: dict[str, Any] = {"run_id": run_id, "settings": {**settings.args.to_dict(), **recipe}}
     if result is not None:
         record["result"] = asdict(result)
     (settings.output_dir / RUN_FILE).write_text(json.dumps(record, indent=2, default=str))
@@ -159,7 +205,7 @@ def finished_result(settings: TrainSettings) -> TrainResult | None:
     result = _read_run_file(settings.output_dir).get("result")
     if not settings.resume or result is None:
         return None
-    if 0 < settings.max_steps and result["steps"] < settings.max_steps:
+    if 0 < settings.args.max_steps and result["steps"] < settings.args.max_steps:
         return None  # a higher --max-steps trains on
     return TrainResult(**result)
 
@@ -167,15 +213,16 @@ def finished_result(settings: TrainSettings) -> TrainResult | None:
 def reached_its_end(checkpoint: Path, settings: TrainSettings) -> bool:
     """Whether a checkpoint was saved after the last update of its run (a run killed before its final save)."""
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    wanted = settings.max_steps if settings.max_steps > 0 else state["max_steps"]
+    wanted = settings.args.max_steps if settings.args.max_steps > 0 else state["max_steps"]
     return state["global_step"] >= wanted
 
 
 def config_json(path: Path) -> Path:
-    """The config.json that ``--config`` names: the file itself or the one in the folder."""
+    """The config.json that ``--model-config`` names: the file itself or the one in the folder."""
+    path = Path(path)
     file = path / CONFIG_NAME if path.is_dir() else path
     if not file.is_file():
-        raise ValueError(f"--config {path}: there is no {file}; give a config.json or a folder that holds one.")
+        raise ValueError(f"--model-config {path}: there is no {file}; give a config.json or a folder that holds one.")
     return file
 
 
@@ -189,7 +236,7 @@ def check_config_settings(settings: TrainSettings) -> None:
 
 
 def user_generation_config(settings: TrainSettings) -> GenerationConfig | None:
-    """The generation_config.json next to ``--config``'s config.json (checked for unknown keys), if any."""
+    """The generation_config.json next to ``--model-config``'s config.json (checked for unknown keys), if any."""
     if settings.config_file is None:
         return None
     file = config_json(settings.config_file).parent / GENERATION_CONFIG_NAME
@@ -219,9 +266,10 @@ def build_config(settings: TrainSettings, tokenizer: Any) -> VaswaniConfig:
             detail = ", ".join(f"{k}={a} but the tokenizer has {b}" for k, (a, b) in wrong.items())
             raise ValueError(f"The config contradicts the tokenizer: {detail}. Make them agree.")
         return config
-    if settings.preset not in PRESETS:
-        raise ValueError(f"Unknown preset {settings.preset!r}; choose one of {', '.join(PRESETS)}.")
-    return VaswaniConfig.from_preset(settings.preset, vocab_size=len(tokenizer), **ids, **settings.config_overrides)
+    preset = settings.preset or "base"
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    return VaswaniConfig.from_preset(preset, vocab_size=len(tokenizer), **ids, **settings.config_overrides)
 
 
 def get_tokenizer(settings: TrainSettings) -> Any:
@@ -236,7 +284,7 @@ def get_tokenizer(settings: TrainSettings) -> Any:
             **settings.train_corpus,
             vocab_size=settings.vocab_size,
             max_pairs=settings.tokenizer_pairs,
-            show_progress=settings.progress,
+            show_progress=not settings.args.disable_tqdm,
         )
     tokenizer.save_pretrained(settings.output_dir)
     return tokenizer
@@ -254,35 +302,71 @@ def _trains_on_cpu() -> bool:
     return not (torch.cuda.is_available() or torch.backends.mps.is_available())
 
 
-def training_arguments(settings: TrainSettings, has_eval: bool) -> Seq2SeqTrainingArguments:
-    """Trainer arguments for the recipe; the learning rate is the schedule itself (§5.3), so lr = 1."""
-    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    evaluate = has_eval and settings.eval_steps > 0
-    return Seq2SeqTrainingArguments(
-        output_dir=str(settings.output_dir),
-        num_train_epochs=settings.epochs,
-        max_steps=settings.max_steps,
-        gradient_accumulation_steps=gradient_accumulation_for(settings.update_tokens, settings.max_tokens, world_size),
-        per_device_eval_batch_size=32,
-        learning_rate=1.0,
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        eval_strategy="steps" if evaluate else "no",
-        eval_steps=settings.eval_steps if evaluate else None,
-        save_strategy="steps",
-        save_steps=settings.save_steps,
-        save_total_limit=max(settings.save_total_limit or 0, settings.average_last) or None,
-        logging_steps=settings.logging_steps,
-        predict_with_generate=True,
-        generation_num_beams=settings.eval_beams,
-        bf16=settings.bf16,
-        use_cpu=_trains_on_cpu(),
-        seed=settings.seed,
-        report_to=settings.report_to,
-        disable_tqdm=not settings.progress,
-        ddp_find_unused_parameters=False,
-        dataloader_pin_memory=torch.cuda.is_available(),
+def check_schedule(settings: TrainSettings) -> None:
+    """Refuse a schedule that cannot train, before anything is written: no warm-up (the §5.3 rate divides by
+    it), an unknown name, or the paper's factor 1.0 taken as the rate itself by a fine-tuning schedule."""
+    args = settings.args
+    if args.warmup_steps <= 0:
+        raise ValueError(f"--warmup-steps must be > 0 (paper: 4,000; below 1 a fraction of the run), got "
+                         f"{args.warmup_steps}")
+    if settings.lr_schedule not in SCHEDULES:
+        raise ValueError(f"unknown --lr-schedule {settings.lr_schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if settings.lr_schedule != "noam" and args.learning_rate >= MAX_FINE_TUNING_RATE:
+        raise ValueError(
+            f"--lr-schedule {settings.lr_schedule} trains at --learning-rate itself, and {args.learning_rate} would "
+            f"diverge (1.0 is the factor on the paper's noam schedule); fine-tune at about 1e-5 to 1e-4, e.g. "
+            "--learning-rate 5e-5."
+        )
+
+
+#: A rate at or above this is the paper's schedule factor mistaken for a fine-tuning rate (Adam diverges).
+MAX_FINE_TUNING_RATE = 1e-2
+
+
+def fine_tuning_start(settings: TrainSettings) -> tuple[VaswaniForConditionalGeneration, Any]:
+    """The model and tokenizer ``init_from`` names, with the run's dropouts, checked against the tokenizer
+    and the model settings (:mod:`vaswani.training.finetune`)."""
+    source = settings.init_from
+    model = load_source_model(source)
+    tokenizer = load_source_tokenizer(source, settings.tokenizer)
+    check_tokenizer_matches(model.config, tokenizer, source)
+    config_file = config_json(settings.config_file) if settings.config_file is not None else None
+    config = fine_tuning_config(
+        copy.deepcopy(model.config), source, settings.preset, config_file, settings.config_overrides
     )
+    if config.to_dict() == model.config.to_dict():
+        return model, tokenizer
+    refit = VaswaniForConditionalGeneration(config)
+    refit.load_state_dict(model.state_dict())
+    refit.generation_config = model.generation_config
+    return refit.train(), tokenizer
+
+
+def run_arguments(settings: TrainSettings, has_eval: bool) -> Seq2SeqTrainingArguments:
+    """``settings.args`` made to fit the run: no evaluation without a validation set, the gradient accumulation
+    that ``update_tokens`` asks for, and with ``patience`` the best checkpoint on ``metric_for_best_model``
+    (validation BLEU unless chosen) kept and loaded at the end."""
+    args, changes = settings.args, {}
+    if not has_eval and args.eval_strategy != "no":
+        changes["eval_strategy"] = "no"
+    if settings.update_tokens:
+        if args.gradient_accumulation_steps != 1:
+            raise ValueError("give --update-tokens or --gradient-accumulation-steps, not both")
+        world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        changes["gradient_accumulation_steps"] = gradient_accumulation_for(
+            settings.update_tokens, settings.max_tokens, world_size
+        )
+    if settings.patience or args.load_best_model_at_end:
+        if not has_eval or args.eval_strategy == "no":
+            raise ValueError(
+                "--patience and --load-best-model-at-end choose among validated checkpoints; give --valid-source "
+                "and --valid-target (and an --eval-strategy other than no)."
+            )
+        changes["load_best_model_at_end"] = True
+        if args.metric_for_best_model is None:
+            changes["metric_for_best_model"] = "bleu" if args.predict_with_generate else "loss"
+            changes["greater_is_better"] = None  # derived from the metric's name
+    return replace(args, **changes) if changes else args
 
 
 @dataclass
@@ -299,25 +383,31 @@ class TrainResult:
     eval_metrics: dict[str, float]
     averaged_checkpoints: list[str]
     world_size: int
+    best_checkpoint: str | None = None
+    best_metric: float | None = None
 
 
 def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult | None:
-    """Run the recipe: tokenizer, model, ``VaswaniTrainer``, checkpoint averaging, curves; save a model folder
-    that ``AutoModelForSeq2SeqLM`` and ``AutoTokenizer`` load (with the paper's generation config, or the
-    generation_config.json next to the ``config_file``).
+    """Run the recipe: tokenizer, model (new, or ``init_from`` a checkpoint), ``VaswaniTrainer``, checkpoint
+    averaging, curves; save a model folder that ``AutoModelForSeq2SeqLM`` and ``AutoTokenizer`` load (with the
+    paper's generation config, the checkpoint's, or the generation_config.json next to the ``config_file``).
+
+    The saved model is the average of the last ``average_last`` checkpoints when that is above 1 (the best
+    checkpoint, with ``patience``, then goes to ``<output_dir>/best``), else the best one, else the last one.
 
     ``callbacks`` are extra ``TrainerCallback`` s. Returns None on processes other than the main one. On a CPU
     the process gets :func:`vaswani.perf.tune_cpu_training` (allocator settings, denormals flushed to zero)."""
     started = time.monotonic()  # the time budget (``max_minutes``) counts from here
-    if settings.warmup_steps < 1:  # before any tokenizing: the schedule divides by it
-        raise ValueError(f"--warmup-steps must be >= 1 (paper: 4,000), got {settings.warmup_steps}")
-    state = PartialState(cpu=_trains_on_cpu())  # as the Trainer will: else CPU processes do not see each other
+    check_schedule(settings)
+    args = run_arguments(settings, settings.valid_corpus is not None)
+    state = PartialState(cpu=settings.args.use_cpu)  # as the Trainer will: else CPU processes do not see each other
     if (finished := finished_result(settings)) is not None:
         print(f"{settings.output_dir} holds a finished run of {finished.steps} updates; nothing to resume "
               "(a higher --max-steps trains on).")
         return finished if state.is_main_process else None
     check_config_settings(settings)
     generation_config = user_generation_config(settings)
+    start_model, start_tokenizer = fine_tuning_start(settings) if settings.init_from else (None, None)
     if state.device.type == "cpu":
         tune_cpu_training()
     run_id = (settings.resume and _read_run_file(settings.output_dir).get("run_id")) or uuid.uuid4().hex
@@ -325,10 +415,12 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
         if state.is_main_process:
             prepare_output_dir(settings)
             write_run_file(settings, run_id)
-            tokenizer = get_tokenizer(settings)
+            tokenizer = start_tokenizer or get_tokenizer(settings)
+            if start_tokenizer is not None:
+                tokenizer.save_pretrained(settings.output_dir)
         else:
-            tokenizer = load_tokenizer(settings.output_dir)
-    config = build_config(settings, tokenizer)
+            tokenizer = start_tokenizer or load_tokenizer(settings.output_dir)
+    config = start_model.config if start_model is not None else build_config(settings, tokenizer)
     train_set, _, train_report = tokenized_split(settings.train_corpus, tokenizer, settings)
     valid_set = None
     if settings.valid_corpus is not None:
@@ -342,20 +434,22 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
     if resume_from is not None:
         check_resumable(config, resume_from)
     ended = resume_from is not None and reached_its_end(resume_from, settings)
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(settings.args.seed)
     if ended:
         model = VaswaniForConditionalGeneration.from_pretrained(resume_from)
     else:
-        model = VaswaniForConditionalGeneration(config)
+        model = start_model or VaswaniForConditionalGeneration(config)
     if generation_config is not None:
         model.generation_config = generation_config
     callbacks = [*callbacks, RunIdentity(run_id)]
     if settings.max_minutes:  # with a cool-down and no step total, the cool-down ends the time budget
-        fit_cooldown = bool(settings.cooldown_steps) and settings.max_steps <= 0
+        fit_cooldown = bool(settings.cooldown_steps) and settings.args.max_steps <= 0
         callbacks = [*callbacks, TimeBudget(settings.max_minutes, fit_cooldown, started)]
+    if settings.patience:
+        callbacks = [*callbacks, EarlyStoppingCallback(early_stopping_patience=settings.patience)]
     trainer = VaswaniTrainer(
         model=model,
-        args=training_arguments(settings, valid_set is not None),
+        args=args,
         train_dataset=train_set,
         eval_dataset=valid_set,
         data_collator=seq2seq_collator(tokenizer, model),
@@ -363,10 +457,8 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
         compute_metrics=make_compute_metrics(tokenizer, tokenizer.pad_token_id),
         callbacks=callbacks,
         max_tokens=settings.max_tokens,
-        warmup_steps=settings.warmup_steps,
-        lr_scale=settings.lr_scale,
+        lr_schedule=settings.lr_schedule,
         cooldown_steps=settings.cooldown_steps,
-        label_smoothing=settings.label_smoothing,
     )
     if ended:  # killed between its last checkpoint and the final save: finish without another update
         print(f"{resume_from} was saved after the run's last update; finishing the run without training.")
@@ -380,13 +472,18 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
     if bad_step is not None:
         raise ValueError(
             f"The training loss became NaN/inf at step {bad_step}; stopped without saving that state: "
-            f"{resume_hint(settings.output_dir)}, with a lower --lr-scale or a longer --warmup-steps."
+            f"{resume_hint(settings.output_dir)}, with a lower --learning-rate or a longer --warmup-steps."
         )
     if not trainer.is_world_process_zero():
         return None
 
     averaged: list[str] = []
+    best = trainer.state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
     if settings.average_last > 1:  # §6.1: average the last N checkpoints
+        if best is not None:  # the Trainer loaded the best checkpoint: it stays a model of its own
+            with explained_stops(settings.output_dir):
+                trainer.save_model(str(settings.output_dir / BEST_DIR))
+                tokenizer.save_pretrained(settings.output_dir / BEST_DIR)
         # a run stopped by its time budget may have saved fewer: average what there is (all of them)
         checkpoints = collect_checkpoints([settings.output_dir])[-settings.average_last :]
         # this folder holds one run; checkpoints saved before run ids were recorded lack one (force)
@@ -415,6 +512,8 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
         eval_metrics={k: float(v) for k, v in eval_metrics.items() if isinstance(v, (int, float))},
         averaged_checkpoints=averaged,
         world_size=trainer.args.world_size,
+        best_checkpoint=best,
+        best_metric=trainer.state.best_metric if best is not None else None,
     )
     plot_training_curves(trainer.state.log_history, settings.output_dir / "training_curves.png")
     write_run_file(settings, run_id, result)

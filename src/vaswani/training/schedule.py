@@ -14,6 +14,11 @@ Optional cool-down (not in the paper): with ``total_steps`` and ``cooldown_steps
 multiplied by ``min(1, (total_steps - step + 1) / cooldown_steps)``, a linear decay towards zero over the
 last ``cooldown_steps`` updates, as in warm-up–stable–decay schedules (Hägele et al. 2024). A run of known
 length then ends at a small learning rate instead of the still large ``step^-0.5`` value.
+
+Fine-tuning schedules (not in the paper): a trained model starts from good weights, so fairseq and Marian
+fine-tune at a small rate given directly, after a short linear warm-up: ``constant`` keeps it, ``inverse_sqrt``
+decays it as ``sqrt(warmup_steps / step)``. The paper's schedule is ``inverse_sqrt`` with the peak
+``scale · d_model^-0.5 · warmup_steps^-0.5``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,46 @@ from collections.abc import Iterable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+
+#: The learning-rate schedules: the paper's (from scratch, §5.3) and the two fine-tuning ones.
+SCHEDULES = ("noam", "inverse_sqrt", "constant")
+
+
+def scheduled_lr(
+    step: int,
+    peak: float,
+    warmup_steps: int,
+    decay: str = "inverse_sqrt",
+    cooldown_steps: int = 0,
+    total_steps: int | None = None,
+) -> float:
+    """Learning rate of update ``step`` (1-based; ``step < 1`` counts as 1): a linear warm-up to ``peak`` over
+    ``warmup_steps`` updates, then ``peak · sqrt(warmup_steps / step)`` (``inverse_sqrt``) or ``peak``
+    (``constant``), with the optional linear cool-down over the last ``cooldown_steps`` of ``total_steps``."""
+    if warmup_steps < 1:
+        raise ValueError(f"the learning-rate schedule needs warmup_steps >= 1, got warmup_steps={warmup_steps}")
+    if decay not in ("inverse_sqrt", "constant"):
+        raise ValueError(f"unknown decay {decay!r}; choose inverse_sqrt or constant")
+    if cooldown_steps < 0 or (cooldown_steps and (total_steps is None or not 0 < cooldown_steps <= total_steps)):
+        raise ValueError(
+            f"cooldown_steps={cooldown_steps} needs the run's total_steps (> 0, at least cooldown_steps; got "
+            f"{total_steps}): set max_steps for the run, or cooldown_steps=0 for the paper's schedule."
+        )
+    step = max(step, 1)
+    shape = (warmup_steps / step) ** 0.5 if decay == "inverse_sqrt" else 1.0
+    rate = peak * min(step / warmup_steps, shape)
+    if cooldown_steps:
+        rate *= min(1.0, max(0, total_steps - step + 1) / cooldown_steps)
+    return rate
+
+
+def noam_peak(d_model: int, warmup_steps: int = 4000, scale: float = 1.0) -> float:
+    """The highest rate of the §5.3 schedule, reached at ``step == warmup_steps``."""
+    if d_model < 1 or warmup_steps < 1:
+        raise ValueError(
+            f"noam_lr needs d_model >= 1 and warmup_steps >= 1, got d_model={d_model}, warmup_steps={warmup_steps}"
+        )
+    return scale * d_model**-0.5 * warmup_steps**-0.5
 
 
 def noam_lr(
@@ -34,48 +79,58 @@ def noam_lr(
 ) -> float:
     """Learning rate of update ``step`` (1-based; ``step < 1`` counts as 1) under the §5.3 schedule, with the
     optional linear cool-down over the last ``cooldown_steps`` of ``total_steps`` updates."""
-    if d_model < 1 or warmup_steps < 1:
-        raise ValueError(
-            f"noam_lr needs d_model >= 1 and warmup_steps >= 1, got d_model={d_model}, warmup_steps={warmup_steps}"
-        )
-    if cooldown_steps < 0 or (cooldown_steps and (total_steps is None or not 0 < cooldown_steps <= total_steps)):
-        raise ValueError(
-            f"cooldown_steps={cooldown_steps} needs the run's total_steps (> 0, at least cooldown_steps; got "
-            f"{total_steps}): set max_steps for the run, or cooldown_steps=0 for the paper's schedule."
-        )
-    step = max(step, 1)
-    rate = scale * d_model**-0.5 * min(step**-0.5, step * warmup_steps**-1.5)
-    if cooldown_steps:
-        rate *= min(1.0, max(0, total_steps - step + 1) / cooldown_steps)
-    return rate
+    peak = noam_peak(d_model, warmup_steps, scale)
+    return scheduled_lr(step, peak, warmup_steps, "inverse_sqrt", cooldown_steps, total_steps)
 
 
-class NoamLambda:
-    """Picklable ``LambdaLR`` multiplier: ``noam_lr(count + 1, ...)``.
+class ScheduleLambda:
+    """Picklable ``LambdaLR`` multiplier: ``scheduled_lr(count + 1, ...)``.
 
     A callable object rather than a closure so that ``LambdaLR.state_dict()`` stores its settings and a
-    resumed Trainer restores them.
+    resumed Trainer restores them; :class:`~vaswani.training.trainer.TimeBudget` moves ``total_steps``.
     """
 
     def __init__(
         self,
-        d_model: int,
-        warmup_steps: int = 4000,
-        scale: float = 1.0,
+        peak: float,
+        warmup_steps: int,
+        decay: str = "inverse_sqrt",
         cooldown_steps: int = 0,
         total_steps: int | None = None,
     ) -> None:
-        noam_lr(1, d_model, warmup_steps, scale, cooldown_steps, total_steps)  # validate the arguments early
-        self.d_model = d_model
+        scheduled_lr(1, peak, warmup_steps, decay, cooldown_steps, total_steps)  # validate the arguments early
+        self.peak = peak
         self.warmup_steps = warmup_steps
-        self.scale = scale
+        self.decay = decay
         self.cooldown_steps = cooldown_steps
         self.total_steps = total_steps
 
     def __call__(self, count: int) -> float:
-        return noam_lr(
-            count + 1, self.d_model, self.warmup_steps, self.scale, self.cooldown_steps, self.total_steps
+        return scheduled_lr(
+            count + 1, self.peak, self.warmup_steps, self.decay, self.cooldown_steps, self.total_steps
         )
+
+
+def get_schedule(
+    optimizer: torch.optim.Optimizer,
+    peak: float,
+    warmup_steps: int,
+    decay: str = "inverse_sqrt",
+    last_epoch: int = -1,
+    cooldown_steps: int = 0,
+    total_steps: int | None = None,
+) -> LambdaLR:
+    """``LambdaLR`` implementing :func:`scheduled_lr`, for ``Trainer(optimizers=(optimizer, schedule))``.
+
+    ``LambdaLR`` multiplies each group's base learning rate by the lambda, so this factory sets the base
+    learning rate (``initial_lr``) of every parameter group to 1.0: the schedule then *is* the learning
+    rate, whatever ``lr`` the optimizer was created with.
+    """
+    for group in optimizer.param_groups:
+        group["initial_lr"] = 1.0
+        group["lr"] = 1.0
+    multiplier = ScheduleLambda(peak, warmup_steps, decay, cooldown_steps, total_steps)
+    return LambdaLR(optimizer, multiplier, last_epoch=last_epoch)
 
 
 def get_noam_schedule(
@@ -87,17 +142,10 @@ def get_noam_schedule(
     cooldown_steps: int = 0,
     total_steps: int | None = None,
 ) -> LambdaLR:
-    """``LambdaLR`` implementing the §5.3 schedule, for ``Trainer(optimizers=(optimizer, schedule))``.
-
-    ``LambdaLR`` multiplies each group's base learning rate by the lambda, so this factory sets the base
-    learning rate (``initial_lr``) of every parameter group to 1.0: the schedule then *is* the learning
-    rate, whatever ``lr`` the optimizer was created with.
-    """
-    for group in optimizer.param_groups:
-        group["initial_lr"] = 1.0
-        group["lr"] = 1.0
-    multiplier = NoamLambda(d_model, warmup_steps, scale, cooldown_steps, total_steps)
-    return LambdaLR(optimizer, multiplier, last_epoch=last_epoch)
+    """:func:`get_schedule` with the §5.3 peak: ``lrate = scale · d_model^-0.5 · min(step^-0.5, step ·
+    warmup^-1.5)``."""
+    peak = noam_peak(d_model, warmup_steps, scale)
+    return get_schedule(optimizer, peak, warmup_steps, "inverse_sqrt", last_epoch, cooldown_steps, total_steps)
 
 
 def paper_adam(params: Iterable[torch.nn.Parameter] | Iterable[dict], lr: float = 1.0) -> torch.optim.Adam:

@@ -30,8 +30,7 @@ from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, TrainerCallback
 
 from ..configuration import RETIRED_KEYS, WRITTEN_BY_TRANSFORMERS
 from .batching import token_batch_sampler_for
-from .loss import make_compute_loss_func
-from .schedule import NoamLambda, get_noam_schedule, paper_adam
+from .schedule import SCHEDULES, ScheduleLambda, get_schedule, noam_peak, paper_adam
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -39,13 +38,17 @@ CHECKPOINT_PREFIX = "checkpoint-"
 class VaswaniTrainer(Seq2SeqTrainer):
     """``Seq2SeqTrainer`` with token-based batches, the paper's Adam + schedule and label smoothing.
 
+    The schedule's height and warm-up are the ``args``' ``learning_rate`` and ``warmup_steps``, ε_ls is their
+    ``label_smoothing_factor`` (paper: 0.1): the model computes the smoothed loss itself (``smoothing=ε``)
+    instead of the Trainer's ``LabelSmoother``, which would need every logit.
+
     Args:
         max_tokens: token budget of one training batch on one process (paper: ~25,000 per side in total).
-        warmup_steps: warm-up of the learning-rate schedule (paper: 4,000).
-        lr_scale: factor on the schedule (paper: 1.0).
-        cooldown_steps: decay the rate linearly towards zero over this many last updates (0: the paper's
-            schedule; needs ``max_steps``).
-        label_smoothing: ε_ls (paper: 0.1).
+        lr_schedule: ``noam``, the paper's (§5.3; ``learning_rate`` is its scale factor, paper: 1.0), or for
+            fine-tuning ``inverse_sqrt`` or ``constant`` (``learning_rate`` is the rate after the warm-up);
+            see :mod:`vaswani.training.schedule`.
+        cooldown_steps: decay the rate linearly towards zero over this many last updates (0: none; needs
+            ``max_steps``).
         Other arguments are ``Seq2SeqTrainer``'s.
     """
 
@@ -53,25 +56,23 @@ class VaswaniTrainer(Seq2SeqTrainer):
         self,
         *args: Any,
         max_tokens: int = 25000,
-        warmup_steps: int = 4000,
-        lr_scale: float = 1.0,
+        lr_schedule: str = "noam",
         cooldown_steps: int = 0,
-        label_smoothing: float = 0.1,
         **kwargs: Any,
     ) -> None:
+        if lr_schedule not in SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose one of {', '.join(SCHEDULES)}")
         model = kwargs.get("model", args[0] if args else None)
         accepted = inspect.signature(model.forward).parameters if model is not None else {}
-        smooths_itself = "label_smoothing" in accepted
-        if label_smoothing and not smooths_itself:
-            kwargs.setdefault("compute_loss_func", make_compute_loss_func(label_smoothing))
-        self.label_smoothing = label_smoothing if smooths_itself else 0.0
-        self.model_skips_logits = "skip_logits" in accepted
         self.nonfinite = StopOnNonFiniteLoss()
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.nonfinite]
         super().__init__(*args, **kwargs)
+        self.smoothing = 0.0
+        if "smoothing" in accepted:  # ε_ls goes to the model's own loss, not to LabelSmoother
+            self.smoothing, self.label_smoother = self.args.label_smoothing_factor, None
+        self.model_skips_logits = "skip_logits" in accepted
         self.max_tokens = max_tokens
-        self.warmup_steps = warmup_steps
-        self.lr_scale = lr_scale
+        self.lr_schedule = lr_schedule
         self.cooldown_steps = cooldown_steps
 
     def get_train_dataloader(self) -> DataLoader:
@@ -92,12 +93,12 @@ class VaswaniTrainer(Seq2SeqTrainer):
     def compute_loss(
         self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
     ):
-        """The model's own loss with ``label_smoothing``: given the labels, a Vaswani model computes only the
+        """The model's own loss with ``smoothing`` = ε_ls: given the labels, a Vaswani model computes only the
         positions the loss reads (see ``unpadded.Unpadded``), and it leaves out the logits when only the loss is
         wanted (a training step)."""
-        if "labels" in inputs and self.compute_loss_func is None:
-            if self.label_smoothing:
-                inputs = {**inputs, "label_smoothing": self.label_smoothing}
+        if "labels" in inputs and self.compute_loss_func is None and self.label_smoother is None:
+            if self.smoothing:
+                inputs = {**inputs, "smoothing": self.smoothing}
             if self.model_skips_logits:
                 inputs = {**inputs, "skip_logits": not return_outputs}
         return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
@@ -115,14 +116,20 @@ class VaswaniTrainer(Seq2SeqTrainer):
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
-        """lrate = scale · d_model^-0.5 · min(step^-0.5, step · warmup^-1.5) (§5.3), with the optional
-        cool-down over the last ``cooldown_steps`` of the ``num_training_steps`` updates."""
+        """The ``lr_schedule`` with the ``args``' warm-up (§5.3 for ``noam``), and the optional cool-down over
+        the last ``cooldown_steps`` of the ``num_training_steps`` updates."""
         if self.lr_scheduler is None:
-            self.lr_scheduler = get_noam_schedule(
+            warmup = self.args.get_warmup_steps(num_training_steps)
+            if warmup < 1:
+                raise ValueError(f"warmup_steps must give at least one warm-up update, got {self.args.warmup_steps}")
+            peak = self.args.learning_rate
+            if self.lr_schedule == "noam":
+                peak = noam_peak(self.model.config.d_model, warmup, scale=peak)
+            self.lr_scheduler = get_schedule(
                 optimizer or self.optimizer,
-                self.model.config.d_model,
-                warmup_steps=self.warmup_steps,
-                scale=self.lr_scale,
+                peak,
+                warmup,
+                "constant" if self.lr_schedule == "constant" else "inverse_sqrt",
                 cooldown_steps=self.cooldown_steps,
                 total_steps=num_training_steps,
             )
@@ -169,7 +176,7 @@ class TimeBudget(TrainerCallback):
     ``started`` (a ``time.monotonic()`` value: :func:`~vaswani.training.run.train` passes the start of the run,
     so that building the tokenizer and tokenizing the corpus count too) or else from the start of training.
 
-    With ``fit_cooldown`` and a schedule with a cool-down (:class:`~vaswani.training.schedule.NoamLambda`
+    With ``fit_cooldown`` and a schedule with a cool-down (:class:`~vaswani.training.schedule.ScheduleLambda`
     with ``cooldown_steps``), the cool-down is placed at the end of the time budget instead of at a step
     count given in advance: until it begins, the schedule's ``total_steps`` is set after every update to the
     updates that fit in the budget at the recent pace; once the rate starts to fall, the total stays fixed
@@ -195,7 +202,7 @@ class TimeBudget(TrainerCallback):
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):  # noqa: D102
         now = time.monotonic()
         schedule = getattr(lr_scheduler, "lr_lambdas", [None])[0]
-        if self.fit_cooldown and isinstance(schedule, NoamLambda) and schedule.cooldown_steps:
+        if self.fit_cooldown and isinstance(schedule, ScheduleLambda) and schedule.cooldown_steps:
             self.place_cooldown(schedule, state.global_step, now, state.max_steps)
             if state.global_step >= schedule.total_steps:
                 control.should_training_stop = True
@@ -205,7 +212,7 @@ class TimeBudget(TrainerCallback):
             control.should_save = True
         return control
 
-    def place_cooldown(self, schedule: NoamLambda, step: int, now: float, max_steps: int) -> None:
+    def place_cooldown(self, schedule: ScheduleLambda, step: int, now: float, max_steps: int) -> None:
         """Set ``schedule.total_steps`` to the updates that fit in the budget (at most ``max_steps``) at the
         pace of the last ``cooldown_steps`` updates (start-up excluded), unless the cool-down has begun."""
         self.recent.append((step, now))
