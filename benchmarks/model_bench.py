@@ -42,7 +42,6 @@ import copy
 import datetime
 import functools
 import os
-import platform
 import statistics
 import sys
 import time
@@ -56,7 +55,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from vaswani import VaswaniConfig, VaswaniForConditionalGeneration  # noqa: E402
 from vaswani.convert import vaswani_to_marian  # noqa: E402
-from vaswani.perf import flush_denormals, tune_allocator  # noqa: E402
+from vaswani.perf import cpu_description, flush_denormals, tune_allocator  # noqa: E402
 
 #: Benchmark shapes: a configuration preset and the (shared) vocabulary size used with it.
 SHAPES = {"small": ("small", 8000), "base": ("base", 37000)}
@@ -328,7 +327,7 @@ def mib(n: int) -> str:
 
 def markdown(rows: list[dict], peaks: dict[str, tuple[float, int]], args, allocator: str) -> str:
     lines = [
-        f"Date {datetime.date.today()}, {platform.machine()} with {torch.get_num_threads()} threads, "
+        f"Date {datetime.date.today()}, {cpu_description()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}; allocator: {allocator} (same for both models); "
         f"1-minute load average {args.load[0]:.1f} at the start, {args.load[1]:.1f} at the end.",
         "Matrix-multiply peak at start-up: "

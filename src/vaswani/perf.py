@@ -67,17 +67,43 @@ def flush_denormals() -> bool:
     return bool(torch.set_flush_denormal(True))
 
 
+def _cpuinfo() -> tuple[str, set[str]]:
+    """The CPU's model name and feature flags from Linux's ``/proc/cpuinfo`` (empty elsewhere)."""
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    flags.update(line.split(":", 1)[-1].split())
+                elif line.startswith("model name") and not name:
+                    name = line.split(":", 1)[-1].strip()
+    except OSError:
+        pass
+    return name, flags
+
+
+#: The instruction sets that decide which CPU kernels pay (bf16 products, AMX tiles, AVX-512 or only AVX2).
+SPEED_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2", "bf16")
+
+
+def cpu_description() -> str:
+    """One line for benchmark reports: the CPU model, its logical cores and the speed-relevant flags it has."""
+    import os
+    import platform
+
+    name, flags = _cpuinfo()
+    present = [flag for flag in SPEED_FLAGS if flag in flags]
+    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, " + (
+        ", ".join(present) if present else "none of " + "/".join(SPEED_FLAGS)
+    )
+
+
 def has_fast_bf16() -> bool:
     """Whether bf16 matrix products run natively: on the CUDA GPU if there is one, else on this CPU (the
     ``avx512_bf16`` / ``amx_bf16`` or Arm ``bf16`` flag in Linux's ``/proc/cpuinfo``; False elsewhere)."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            flags = {flag for line in cpuinfo if line.startswith(("flags", "Features")) for flag in line.split()}
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return bool(_cpuinfo()[1] & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def tune_cpu_training() -> dict[str, bool]:
