@@ -18,6 +18,17 @@ ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish")
 POSITION_TYPES = ("sinusoidal", "learned")
 SINUSOID_LAYOUTS = ("interleaved", "concatenated")
 
+#: The fields that give the weights their shapes in a preset (Table 3's N, d_model, d_ff, h).
+SHAPE_KEYS = (
+    "d_model",
+    "encoder_layers",
+    "decoder_layers",
+    "encoder_attention_heads",
+    "decoder_attention_heads",
+    "encoder_ffn_dim",
+    "decoder_ffn_dim",
+)
+
 #: d_model 256, 3+3 layers of 4 heads, d_ff 1024: the shape of the "small" and "multi30k" presets.
 SMALL_SHAPE: dict[str, Any] = {
     "d_model": 256,
@@ -140,18 +151,7 @@ class VaswaniConfig(PreTrainedConfig):
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and the fix for any value the network cannot use."""
-        for name in (
-            "vocab_size",
-            "decoder_vocab_size",
-            "d_model",
-            "encoder_layers",
-            "decoder_layers",
-            "encoder_attention_heads",
-            "decoder_attention_heads",
-            "encoder_ffn_dim",
-            "decoder_ffn_dim",
-            "max_position_embeddings",
-        ):
+        for name in ("vocab_size", "decoder_vocab_size", *SHAPE_KEYS, "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"VaswaniConfig.{name} must be a positive integer, got {value!r}.")

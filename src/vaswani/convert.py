@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, MarianConfig, MarianMTModel
 
-from .configuration import VaswaniConfig
+from .configuration import SHAPE_KEYS, VaswaniConfig
 from .generation import PAPER_DECODING_FIELDS
 from .modeling import VaswaniForConditionalGeneration
 
@@ -54,13 +54,7 @@ _SHARED_CONFIG_FIELDS = (
     "decoder_vocab_size",
     "share_encoder_decoder_embeddings",
     "tie_word_embeddings",
-    "d_model",
-    "encoder_layers",
-    "decoder_layers",
-    "encoder_attention_heads",
-    "decoder_attention_heads",
-    "encoder_ffn_dim",
-    "decoder_ffn_dim",
+    *SHAPE_KEYS,
     "activation_function",
     "dropout",
     "attention_dropout",

@@ -18,23 +18,13 @@ from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer, MarianMTModel, PreTrainedConfig
 
-from ..configuration import WRITTEN_BY_TRANSFORMERS, VaswaniConfig
+from ..configuration import SHAPE_KEYS, WRITTEN_BY_TRANSFORMERS, VaswaniConfig
 from ..convert import marian_to_vaswani
 from ..modeling import VaswaniForConditionalGeneration
 from ..translate import _looks_local, _unreachable, check_weights
 
 #: Config fields a fine-tuning run may change: regularisation, not the shape of any weight (§5.4).
 FINE_TUNING_KEYS = ("dropout", "attention_dropout", "activation_dropout")
-#: The shape fields a ``--preset`` sets (Table 3).
-SHAPE_KEYS = (
-    "d_model",
-    "encoder_layers",
-    "decoder_layers",
-    "encoder_attention_heads",
-    "decoder_attention_heads",
-    "encoder_ffn_dim",
-    "decoder_ffn_dim",
-)
 #: Files that hold a transformers model's weights (whole or sharded).
 WEIGHT_FILES = (
     "model.safetensors",
