@@ -36,6 +36,12 @@ WEIGHT_FILES = (
 _NOT_STORED = ("embed_positions",)
 
 
+def _load_name(source: str) -> str:
+    """What ``from_pretrained`` gets for ``source``: a local folder as its expanded path, else the Hub id."""
+    path = Path(source).expanduser()
+    return str(path) if path.exists() else source
+
+
 def source_config(source: str) -> PreTrainedConfig:
     """The checkpoint's config, refusing a folder without one, an unreachable Hub id and anything that is not a
     Vaswani or Marian translation model."""
@@ -48,7 +54,7 @@ def source_config(source: str) -> PreTrainedConfig:
     if not path.exists() and _looks_local(source):
         raise ValueError(f"--init-from {source}: no such folder; pass a model folder or a Hub id.")
     try:
-        config = AutoConfig.from_pretrained(str(path) if path.exists() else source)
+        config = AutoConfig.from_pretrained(_load_name(source))
     except OSError as err:
         raise _unreachable(source, err) from err
     except ValueError as err:  # an unknown model_type
@@ -92,9 +98,8 @@ def load_source_model(source: str) -> VaswaniForConditionalGeneration:
     """The checkpoint's weights as a Vaswani model: a Vaswani folder as it is, a Marian one converted."""
     config = source_config(source)
     _check_weight_files(source)
-    name = str(Path(source).expanduser()) if Path(source).expanduser().exists() else source
     cls = MarianMTModel if config.model_type == "marian" else VaswaniForConditionalGeneration
-    model, info = cls.from_pretrained(name, output_loading_info=True)
+    model, info = cls.from_pretrained(_load_name(source), output_loading_info=True)
     _check_loading(source, info)
     if config.model_type == "marian":
         model = marian_to_vaswani(model)
@@ -103,9 +108,8 @@ def load_source_model(source: str) -> VaswaniForConditionalGeneration:
 
 def load_source_tokenizer(source: str, tokenizer: str | os.PathLike[str] | None = None) -> Any:
     """The checkpoint's own tokenizer, or ``tokenizer`` when given; either must have its vocabulary."""
-    name = str(Path(source).expanduser()) if Path(source).expanduser().exists() else source
     try:
-        own = AutoTokenizer.from_pretrained(name)
+        own = AutoTokenizer.from_pretrained(_load_name(source))
     except ImportError as err:
         raise ImportError(f"the Marian tokenizer needs sentencepiece ({err}); pip install sentencepiece") from err
     except (OSError, ValueError, TypeError) as err:
