@@ -43,3 +43,45 @@ def test_a_flag_name_means_one_kind_of_thing_across_commands() -> None:
 def test_version() -> None:
     result = subprocess.run([sys.executable, "-m", "vaswani", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == f"vaswani {installed_version()}"
+
+
+def test_help_imports_neither_torch_nor_transformers() -> None:
+    """``vaswani --help`` answers at once: the package and its parser load without the heavy libraries."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from vaswani.cli import main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['--help'])\n"
+        "heavy = sorted(name for name in ('torch', 'transformers') if name in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+AUTO = "from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer"
+REGISTRATION_ORDERS = {
+    "package first": f"import vaswani\n{AUTO}",
+    "transformers first": f"{AUTO}\nimport vaswani",
+    "model module first": f"import vaswani.modeling\n{AUTO}",
+    "trainer first": f"import vaswani\nfrom transformers import Seq2SeqTrainer\n{AUTO}",
+}
+
+
+@pytest.mark.parametrize("imports", REGISTRATION_ORDERS.values(), ids=REGISTRATION_ORDERS)
+def test_the_auto_classes_know_the_model_whatever_is_imported_first(imports: str) -> None:
+    """Registration waits for transformers' registries, so no import order leaves one of them without the model."""
+    code = imports + (
+        "\nfrom transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING\n"
+        "from transformers.pipelines import PIPELINE_REGISTRY\n"
+        "from vaswani.configuration import VaswaniConfig\n"
+        "from vaswani.modeling import VaswaniForConditionalGeneration\n"
+        "from vaswani.tokenization import VaswaniTokenizerFast\n"
+        "assert type(AutoConfig.for_model('vaswani')) is VaswaniConfig\n"
+        "assert AutoModelForSeq2SeqLM._model_mapping[VaswaniConfig] is VaswaniForConditionalGeneration\n"
+        "assert TOKENIZER_MAPPING[VaswaniConfig] is VaswaniTokenizerFast\n"
+        "assert 'translation' in PIPELINE_REGISTRY.get_supported_tasks()\n"
+        "assert VaswaniForConditionalGeneration.saved_pipelines\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
