@@ -175,6 +175,31 @@ def _new_tokens_before_eos(processor: object, prompt: int) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class SourceKeysValues:
+    """One decoder layer's encoder-decoder keys and values, projected once per sentence (what a cache layer holds)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass
+class CrossAttentionCache:
+    layers: list[SourceKeysValues]
+
+
+class BeamSlotCache:
+    """What :class:`MultiHeadAttention` reads of transformers' ``EncoderDecoderCache``, over the buffers of an
+    :class:`IncrementalDecoder`, so that each step runs the model's own ``DecoderLayer`` (§3.1): the
+    encoder-decoder keys and values are always ready (``is_updated``), and ``self_attention_cache.update`` is
+    :meth:`IncrementalDecoder.update`, which writes a step's keys and values into their beam slots."""
+
+    def __init__(self, decoder: IncrementalDecoder) -> None:
+        self.self_attention_cache = decoder
+        self.cross_attention_cache = CrossAttentionCache(decoder.cross)
+        self.is_updated = dict.fromkeys(range(len(decoder.cross)), True)
+
+
 class IncrementalDecoder:
     """The model's decoder and output layer run one position at a time over sentences × beams, with the
     encoder-decoder keys and values projected once per sentence (fairseq's incremental decoding).
@@ -185,7 +210,8 @@ class IncrementalDecoder:
     each hypothesis instead records which beam slot its prefix held at each step (``ancestry``), and its query
     attends to the k × steps keys of its sentence through a mask that keeps the keys of its own prefix. This
     computes the same attention as reordered caches, with k times as many (masked) scores, which are cheap
-    next to copying every layer's keys and values at every step.
+    next to copying every layer's keys and values at every step. The layers themselves are the model's, given
+    a :class:`BeamSlotCache` over these buffers.
     """
 
     def __init__(
@@ -200,11 +226,12 @@ class IncrementalDecoder:
         self.encoder_states = encoder_states
         self.source_mask = source_mask
         self.cross = [
-            (attn.split_heads(attn.k_proj(encoder_states)), attn.split_heads(attn.v_proj(encoder_states)))
+            SourceKeysValues(*(attn.split_heads(linear(encoder_states)) for linear in (attn.k_proj, attn.v_proj)))
             for attn in (layer.encoder_attn for layer in self.decoder.layers)
         ]
         self.cross_mask = self._cross_attention_mask()
         self.self_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cache = BeamSlotCache(self)
         device = encoder_states.device
         self.ancestry = torch.zeros(self.sentences, beams, steps, dtype=torch.long, device=device)
         self.slots = torch.arange(beams, device=device)
@@ -236,40 +263,20 @@ class IncrementalDecoder:
         hidden = hidden.view(self.sentences, self.beams, -1)
         self.ancestry[:, :, self.step] = self.slots
         self_mask = self._self_attention_mask()
-        for index, layer in enumerate(decoder.layers):
-            hidden = self._decoder_layer(index, layer, hidden, self_mask)
+        for layer in decoder.layers:
+            hidden = layer(hidden, self_mask, self.encoder_states, self.cross_mask, cache=self.cache)
         hidden = decoder.final_norm(hidden)
         self.step += 1
         return self.lm_head(hidden).flatten(0, 1).float()
 
-    def _decoder_layer(
-        self, index: int, layer: nn.Module, hidden: torch.Tensor, self_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """One decoder layer (§3.1) for the new position of every hypothesis (``[sentences, beams, d_model]``):
-        masked self-attention over its prefix, encoder-decoder attention, then the feed-forward network."""
-        attn, add_norm = layer.self_attn, layer.self_attn_add_norm
-        x = add_norm.sublayer_input(hidden)
-        keys, values = self._extend_self_cache(
-            index, attn.split_heads(attn.k_proj(x)), attn.split_heads(attn.v_proj(x))
-        )
-        hidden = add_norm(hidden, attn.attend(attn.split_heads(attn.q_proj(x)), keys, values, self_mask)[0])
-
-        attn, add_norm = layer.encoder_attn, layer.encoder_attn_add_norm
-        x = add_norm.sublayer_input(hidden)
-        hidden = add_norm(hidden, attn.attend(attn.split_heads(attn.q_proj(x)), *self.cross[index], self.cross_mask)[0])
-
-        add_norm = layer.feed_forward_add_norm
-        return add_norm(hidden, layer.feed_forward(add_norm.sublayer_input(hidden)))
-
-    def _extend_self_cache(
-        self, index: int, key: torch.Tensor, value: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new position's keys and values (``[sentences, heads, beams, d_k]``) into layer ``index``'s
-        buffers; return those of all positions so far, ``[sentences, heads, (step + 1) · beams, d_k]``."""
-        if index == len(self.self_cache):
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new position's keys and values (``[sentences, heads, beams, d_k]``) into layer
+        ``layer_idx``'s buffers; return those of all positions so far, ``[sentences, heads, (step + 1) · beams,
+        d_k]`` (a cache's ``update``, called by the layer's masked self-attention)."""
+        if layer_idx == len(self.self_cache):
             shape = (key.shape[0], key.shape[1], self.steps, self.beams, key.shape[-1])
             self.self_cache.append((key.new_empty(shape), value.new_empty(shape)))
-        keys, values = (buffer[: self.sentences] for buffer in self.self_cache[index])
+        keys, values = (buffer[: self.sentences] for buffer in self.self_cache[layer_idx])
         keys[:, :, self.step] = key
         values[:, :, self.step] = value
         return keys[:, :, : self.step + 1].flatten(2, 3), values[:, :, : self.step + 1].flatten(2, 3)
@@ -284,7 +291,8 @@ class IncrementalDecoder:
             for buffers in self.self_cache:
                 for buffer in buffers:
                     buffer[: self.sentences, :, : self.step] = buffer[sentences, :, : self.step]
-            self.cross = [(keys[sentences], values[sentences]) for keys, values in self.cross]
+            for layer in self.cross:
+                layer.keys, layer.values = layer.keys[sentences], layer.values[sentences]
             self.encoder_states = self.encoder_states[sentences]
             self.source_mask = None if self.source_mask is None else self.source_mask[sentences]
             self.cross_mask = self._cross_attention_mask()
