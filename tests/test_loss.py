@@ -97,7 +97,7 @@ def test_model_loss_with_label_smoothing_is_this_loss(training):
     ids, mask = padded_batch(lengths=(9, 6, 3))
     labels = torch.tensor([[7, 8, 3], [9, 3, -100], [3, -100, -100]])
     model = tiny_model(dropout=0.0).train(training)
-    out = model(input_ids=ids, attention_mask=mask, labels=labels, smoothing=0.1)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, smoothing=0.1, skip_logits=False)
     torch.testing.assert_close(out.loss, label_smoothed_cross_entropy(out.logits, labels, 0.1))
     with pytest.raises(ValueError, match="label smoothing epsilon"):
         model(input_ids=ids, attention_mask=mask, labels=labels, smoothing=1.5)

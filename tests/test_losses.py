@@ -117,3 +117,21 @@ def test_training_step_without_logits_has_the_gradients_of_one_with_logits(bf16)
     torch.testing.assert_close(skipped_loss, loss, **tol)
     for name, grad in grads.items():
         torch.testing.assert_close(skipped_grads[name], grad, **tol, msg=name)
+
+
+def test_a_plain_training_forward_returns_the_loss_without_logits_unless_the_config_asks():
+    """``model(..., labels=...)`` in training (what transformers' Trainer and hand-written loops call) takes the
+    fused path by default; ``config.training_logits`` (or ``skip_logits=False``) brings the logits back, and
+    evaluation always has them."""
+    ids, mask = padded_batch(lengths=(9, 6, 3))
+    labels = torch.tensor([[7, 8, 3], [9, 3, -100], [3, -100, -100]])
+    model = tiny_model(dropout=0.0).train()
+    plain = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert plain.logits is None and plain.loss is not None
+    model.config.training_logits = True
+    kept = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert kept.logits.shape == (3, 3, model.config.decoder_vocab_size)
+    torch.testing.assert_close(kept.loss, plain.loss)
+    model.config.training_logits = False
+    assert model(input_ids=ids, attention_mask=mask, labels=labels, skip_logits=False).logits is not None
+    assert model.eval()(input_ids=ids, attention_mask=mask, labels=labels).logits is not None

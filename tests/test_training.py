@@ -365,7 +365,7 @@ _DDP_SCRIPT = textwrap.dedent("""
         total_tokens = (labels != -100).sum()
         rank, world = accelerator.process_index, accelerator.num_processes
         mine = slice(rank, None, world)  # this process's half of the batch
-        logits = model(input_ids=ids[mine], labels=labels[mine]).logits
+        logits = model(input_ids=ids[mine], labels=labels[mine], skip_logits=False).logits
         # normalise by the whole batch's tokens; DDP averages gradients, so scale by the world size
         loss = label_smoothed_cross_entropy(logits, labels[mine], 0.1, num_items_in_batch=total_tokens) * world
         accelerator.backward(loss)

@@ -39,7 +39,7 @@ def test_training_skips_padding_with_the_same_loss_and_gradients(
                 if isinstance(module, MultiHeadAttention):
                     for linear in (module.q_proj, module.k_proj, module.v_proj):
                         linear.register_forward_hook(lambda module, args, output: output)
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, skip_logits=False)  # logits compared
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         results.append((out, grads))
@@ -94,7 +94,7 @@ def _train_outputs(model, implementation, grad, batch):
             module.p = 0.0
     model.zero_grad(set_to_none=True)
     with torch.set_grad_enabled(grad):
-        out = model(**batch)
+        out = model(**batch, skip_logits=False)
     if not grad:
         return out.logits, None
     out.loss.backward()

@@ -105,6 +105,10 @@ class VaswaniConfig(PreTrainedConfig):
             target vocabulary has ``decoder_vocab_size`` entries.
         tie_word_embeddings: tie the pre-softmax projection to the (target) embedding (§3.4).
         lm_head_bias: a bias on the pre-softmax projection (Marian checkpoints carry one).
+        training_logits: whether a forward with ``labels`` in training mode also returns the logits. By default
+            it returns only the loss, as liger-kernel's models do (``skip_logits``): transformers' ``Trainer``
+            and hand-written loops read only the loss, and leaving the ``[batch, len, vocab]`` logits out lets
+            the output layer and loss run as one step. Set True where a training loop reads ``outputs.logits``.
     """
 
     model_type = "vaswani"
@@ -136,6 +140,7 @@ class VaswaniConfig(PreTrainedConfig):
     share_encoder_decoder_embeddings: bool = True
     tie_word_embeddings: bool = True
     lm_head_bias: bool = False
+    training_logits: bool = False
     pad_token_id: int | None = 0
     bos_token_id: int | None = 2
     eos_token_id: int | None = 3

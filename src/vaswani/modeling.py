@@ -755,15 +755,20 @@ class VaswaniForConditionalGeneration(VaswaniPreTrainedModel, VaswaniGenerationM
         use_cache: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         smoothing: float = 0.0,
-        skip_logits: bool = False,
+        skip_logits: bool | None = None,
         **kwargs,
     ) -> Seq2SeqLMOutput:
         """With ``labels``: the loss, label-smoothed by ``smoothing`` = ε_ls (§5.4; named without "label" so
         that transformers' Trainer takes only ``labels`` for a label column). In training only the
         positions up to each row's last label are computed (:mod:`.unpadded`), and the output layer and
-        loss run on the labelled positions alone; ``logits`` are zeros at the others. ``skip_logits=True`` (the
-        name liger-kernel models use) returns ``logits=None`` instead of laying them out as ``[batch, len,
-        vocab]``: a training step reads only the loss, and accelerate's mixed precision would copy them to fp32."""
+        loss run on the labelled positions alone; ``logits`` are zeros at the others.
+
+        ``skip_logits=True`` (the name and default liger-kernel models use) returns ``logits=None`` instead of
+        laying them out as ``[batch, len, vocab]``: a training step reads only the loss, and accelerate's mixed
+        precision would copy them to fp32. Left at None it is True in training with ``labels`` unless
+        ``config.training_logits`` is set."""
+        if skip_logits is None:
+            skip_logits = self.training and labels is not None and not self.config.training_logits
         if labels is not None:
             _check_labels(labels, self.config.decoder_vocab_size)
             use_cache = False
