@@ -10,11 +10,13 @@ Printed: medians, the ratio Vaswani / Marian, the share of the matrix-multiply p
 
     python benchmarks/model_bench.py [--shapes small,base] [--precisions fp32,bf16] [--repeats 5] [--quick]
 
-* Training step: ``zero_grad``, forward with ``labels`` (each model's own loss; Vaswani with
-  ``skip_logits=True`` as ``VaswaniTrainer`` passes it, Marian has no such option), backward, ``Adam.step``
+* Training step: ``zero_grad``, forward with ``labels`` (each model's own loss), backward, ``Adam.step``
   (fused CPU Adam, β 0.9/0.98). Batches of ``--train-batch`` sentences whose source and target lengths
   are drawn from ``--length`` ± 20%, padded, with an attention mask; throughput counts target tokens that
-  are not padding.
+  are not padding. The Vaswani model is trained on every path a user meets (:data:`PATHS`): the plain
+  ``model(**batch)`` that transformers' ``Trainer`` / ``Seq2SeqTrainer`` and hand-written loops call,
+  ``VaswaniTrainer``'s call, and the plain call with ``config.training_logits=True`` (a loop that reads the
+  logits); each on its own copy of the weights with its own optimizer.
 * Generation: ``generate`` with 4 beams on ``--gen-batch`` sentences, exactly ``--new-tokens`` new tokens
   (``min_new_tokens = max_new_tokens``, so end-of-sentence never ends a beam early and both models produce
   the same lengths); throughput counts the tokens of the returned sequences (batch × new tokens). The
@@ -22,8 +24,9 @@ Printed: medians, the ratio Vaswani / Marian, the share of the matrix-multiply p
 * Precisions: fp32, and bf16 autocast (``torch.autocast("cpu", torch.bfloat16)``; weights stay fp32).
 * Matrix-multiply peak: GFLOP/s of square fp32 / bf16 ``torch.matmul`` (n = 1024, 2048, 3072), the best
   size's median over probes taken between the training repetitions (also printed once from start-up). The
-  training FLOPs are counted on the padded shapes (3 × forward: every linear layer, attention scores and
-  weighted sums, the output projection).
+  training FLOPs are the real work, counted sentence by sentence on its own lengths, not on the padded batch
+  (3 × forward: every linear layer, attention scores and weighted sums, the output projection), so padding a
+  model computes anyway does not count as speed.
 * Peak memory: the largest amount of tensor memory in use during one training step (parameters, Adam
   state, gradients, activations, temporaries) or one ``generate`` call (parameters, caches, activations), as
   torch's CPU allocator reports it to the profiler (``profile_memory=True``) in an extra, untimed call.
@@ -48,6 +51,7 @@ import time
 from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["VASWANI_TUNE_CPU"] = "0"  # --allocator / --denormals decide, for both models alike
 
 import torch  # noqa: E402
 from transformers import GenerationConfig  # noqa: E402
@@ -61,6 +65,13 @@ from vaswani.perf import cpu_description, flush_denormals, tune_allocator  # noq
 SHAPES = {"small": ("small", 8000), "base": ("base", 37000)}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 MODELS = ("vaswani", "marian")
+#: The Vaswani training calls measured, each against the same Marian step: name → (forward keyword arguments,
+#: ``config.training_logits``, who calls it that way).
+PATHS = {
+    "plain": ({}, False, "model(**batch): transformers' Trainer / Seq2SeqTrainer, hand-written loops"),
+    "VaswaniTrainer": ({"skip_logits": True}, False, "model(**batch, skip_logits=True): VaswaniTrainer"),
+    "logits kept": ({}, True, "model(**batch) with config.training_logits=True: a loop that reads the logits"),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,34 +192,31 @@ def random_batch(config: VaswaniConfig, batch: int, length: int, seed: int) -> d
 
 
 def train_flops(config: VaswaniConfig, batch: dict[str, torch.Tensor]) -> float:
-    """Matrix-multiply FLOPs of one training step on the padded shapes: 3 × forward (backward = 2 × forward)."""
-    b, s = batch["input_ids"].shape
-    t = batch["labels"].shape[1]
+    """Matrix-multiply FLOPs of one training step (3 × forward: backward = 2 × forward), each sentence counted
+    on its own source and target lengths: the real work, whatever padding an implementation computes."""
+    s = batch["attention_mask"].sum(dim=1).double()
+    t = (batch["labels"] != -100).sum(dim=1).double()
     d = config.d_model
-    enc_rows, dec_rows = b * s, b * t
-    encoder = config.encoder_layers * (2 * enc_rows * (4 * d * d + 2 * d * config.encoder_ffn_dim) + 4 * b * s * s * d)
+    encoder = config.encoder_layers * (2 * s * (4 * d * d + 2 * d * config.encoder_ffn_dim) + 4 * s * s * d)
     decoder = config.decoder_layers * (
-        2 * dec_rows * (6 * d * d + 2 * d * config.decoder_ffn_dim)  # self-attn Q K V O, cross Q O, FFN
-        + 2 * enc_rows * 2 * d * d  # cross-attention K V of the encoder output
-        + 4 * b * t * t * d  # self-attention scores and weighted sum
-        + 4 * b * t * s * d  # cross-attention scores and weighted sum
+        2 * t * (6 * d * d + 2 * d * config.decoder_ffn_dim)  # self-attn Q K V O, cross Q O, FFN
+        + 2 * s * 2 * d * d  # cross-attention K V of the encoder output
+        + 4 * t * t * d  # self-attention scores and weighted sum
+        + 4 * t * s * d  # cross-attention scores and weighted sum
     )
-    output = 2 * dec_rows * d * config.decoder_vocab_size
-    return 3.0 * (encoder + decoder + output)
+    output = 2 * t * d * config.decoder_vocab_size
+    return 3.0 * float((encoder + decoder + output).sum())
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-9, fused=True)
 
 
-def make_train_step(model, optimizer, batch, dtype) -> Callable[[], float]:
-    # Vaswani's step as VaswaniTrainer runs it: only the loss is read, so the logits are not laid out
-    loss_only = {"skip_logits": True} if isinstance(model, VaswaniForConditionalGeneration) else {}
-
+def make_train_step(model, optimizer, batch, dtype, call: dict | None = None) -> Callable[[], float]:
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
         with precision_context(dtype):
-            loss = model(**batch, **loss_only).loss
+            loss = model(**batch, **(call or {})).loss
         loss.backward()
         optimizer.step()
         return float(loss.detach())
@@ -276,26 +284,27 @@ def bench_shape(shape: str, args, peaks: dict[str, tuple[float, int]]) -> list[d
             name: tensor_bytes(m.state_dict().values()) + peak_tensor_memory(gens[name]) for name, m in models.items()
         }
 
-        # Training, each model on its own copy of the weights with its own optimizer.
+        # Training: Marian and the Vaswani model on each path, each on its own copy of the weights and optimizer.
         batch = random_batch(config, args.train_batch, args.length, seed=2)
         tokens = int((batch["labels"] != -100).sum())
         flops = train_flops(config, batch)
         steps, trainees, optimizers = {}, {}, {}
-        for name, model in models.items():
+        for name, (model, call, logits) in _trainees(models).items():
             trainees[name] = copy.deepcopy(model).train()
+            trainees[name].config.training_logits = logits
             optimizers[name] = make_optimizer(trainees[name])
-            steps[name] = make_train_step(trainees[name], optimizers[name], batch, dtype)
+            steps[name] = make_train_step(trainees[name], optimizers[name], batch, dtype, call)
             steps[name]()  # creates the Adam state
         peak_dtype = torch.float32 if dtype is None else dtype
         probes: dict[int, list[float]] = {n: [] for n in args.peak_sizes}
         fns = dict(steps)
         fns["matmul"] = functools.partial(_probe, probes, peak_dtype)
         times = interleaved(fns, args.train_repeats, warmup=1)
-        row["train_tok_s"] = {name: tokens / statistics.median(times[name]) for name in MODELS}
-        row["train_gflops"] = {name: flops / statistics.median(times[name]) / 1e9 for name in MODELS}
+        row["train_tok_s"] = {name: tokens / statistics.median(times[name]) for name in steps}
+        row["train_gflops"] = {name: flops / statistics.median(times[name]) / 1e9 for name in steps}
         row["peak_gflops"] = max(statistics.median(rates) for rates in probes.values())
         row["train_mem"] = {}
-        for name in MODELS:
+        for name in steps:
             state = [t for s in optimizers[name].state.values() for t in s.values() if t.dim()]
             row["train_mem"][name] = tensor_bytes(list(trainees[name].state_dict().values()) + state)
             row["train_mem"][name] += peak_tensor_memory(steps[name])
@@ -307,11 +316,20 @@ def bench_shape(shape: str, args, peaks: dict[str, tuple[float, int]]) -> list[d
     return rows
 
 
+def _trainees(models: dict) -> dict[str, tuple]:
+    """Name → (model, forward keyword arguments, ``config.training_logits``): each Vaswani path, then Marian."""
+    paths = {f"vaswani {path}": (models["vaswani"], call, logits) for path, (call, logits, _) in PATHS.items()}
+    return {**paths, "marian": (models["marian"], {}, False)}
+
+
 def summary_line(row: dict) -> str:
     t, g = row["train_tok_s"], row["gen_tok_s"]
+    trained = ", ".join(
+        f"{path} {t[f'vaswani {path}']:.0f} ({t[f'vaswani {path}'] / t['marian']:.2f}x)" for path in PATHS
+    )
     return (
-        f"[{row['shape']} {row['precision']}] train {t['vaswani']:.0f} vs {t['marian']:.0f} tok/s "
-        f"({t['vaswani'] / t['marian']:.2f}x), gen {g['vaswani']:.0f} vs {g['marian']:.0f} tok/s "
+        f"[{row['shape']} {row['precision']}] train tok/s: Marian {t['marian']:.0f}, Vaswani {trained}; "
+        f"gen {g['vaswani']:.0f} vs {g['marian']:.0f} tok/s "
         f"({g['vaswani'] / g['marian']:.2f}x), identical={row['gen_identical']}"
     )
 
@@ -339,20 +357,24 @@ def markdown(rows: list[dict], peaks: dict[str, tuple[float, int]], args, alloca
         "",
         f"Training (forward + backward + Adam step), {args.train_batch} sentences of {args.length} ± 20% tokens "
         f"per side ({rows[0]['train_tokens']:,} target tokens, {_padded(rows[0]):,} with padding), "
-        f"median of {args.train_repeats}:",
+        f"median of {args.train_repeats}. GFLOP/s count the real work (each sentence on its own lengths). "
+        "Vaswani paths: "
+        + "; ".join(f"**{path}** = {who}" for path, (_, _, who) in PATHS.items())
+        + ".",
         "",
-        "| shape | precision | Vaswani tgt tok/s | Marian tgt tok/s | ratio | Vaswani GFLOP/s (% of matmul peak) "
-        "| Marian GFLOP/s (% of peak) | peak tensor MiB V / M |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| shape | precision | path | Vaswani tgt tok/s | Marian tgt tok/s | ratio | Vaswani real GFLOP/s "
+        "(% of matmul peak) | Marian real GFLOP/s (% of peak) | peak tensor MiB V / M |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        t, f, p = r["train_tok_s"], r["train_gflops"], r["peak_gflops"]
-        lines.append(
-            f"| {r['shape']} | {r['precision']} | {t['vaswani']:,.0f} | {t['marian']:,.0f} | "
-            f"**{t['vaswani'] / t['marian']:.2f}x** | {f['vaswani']:,.0f} ({f['vaswani'] / p:.0%} of {p:,.0f}) | "
-            f"{f['marian']:,.0f} ({f['marian'] / p:.0%}) | "
-            f"{mib(r['train_mem']['vaswani'])} / {mib(r['train_mem']['marian'])} |"
-        )
+        t, f, p, m = r["train_tok_s"], r["train_gflops"], r["peak_gflops"], r["train_mem"]
+        for path in PATHS:
+            ours = f"vaswani {path}"
+            lines.append(
+                f"| {r['shape']} | {r['precision']} | {path} | {t[ours]:,.0f} | {t['marian']:,.0f} | "
+                f"**{t[ours] / t['marian']:.2f}x** | {f[ours]:,.0f} ({f[ours] / p:.0%} of {p:,.0f}) | "
+                f"{f['marian']:,.0f} ({f['marian'] / p:.0%}) | {mib(m[ours])} / {mib(m['marian'])} |"
+            )
     lines += [
         "",
         f"Beam-4 generation, {args.gen_batch} sentences of {args.length} ± 20% tokens, exactly {args.new_tokens} "

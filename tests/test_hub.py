@@ -15,7 +15,8 @@ from vaswani.hub import CardInfo, files_to_upload, model_card
 
 #: none for tokenizers; modeling.py's siblings travel as its relative imports, pipeline.py as custom_pipelines names it
 CODE_FILES = {
-    "configuration.py", "modeling.py", "unpadded.py", "losses.py", "generation.py", "decoding.py", "pipeline.py"
+    "configuration.py", "modeling.py", "unpadded.py", "losses.py", "perf.py", "generation.py", "decoding.py",
+    "pipeline.py",
 }
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 

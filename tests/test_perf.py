@@ -1,6 +1,8 @@
 """The CPU speed-ups outside the model: beam reordering that leaves the encoder-decoder cache alone, and the
-opt-in allocator and CPU settings. Each must compute what the plain path does (the training paths: test_unpadded.py)."""
+allocator and CPU settings (applied when a model first trains, or by hand). Each must compute what the plain
+path does (the training paths: test_unpadded.py)."""
 
+import os
 import subprocess
 import sys
 
@@ -78,6 +80,30 @@ def test_tune_allocator_is_opt_in():
         assert "'mmap_max': 0" in out
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_a_model_tunes_cpu_training_when_it_first_trains(setting):
+    """A Trainer or a hand-written loop gets ``vaswani train``'s process settings from ``model.train()``: not at
+    construction or in eval mode, once, and not with ``VASWANI_TUNE_CPU=0``."""
+    code = (
+        "import torch, vaswani.perf as p\n"
+        "from vaswani import VaswaniConfig, VaswaniForConditionalGeneration\n"
+        "model = VaswaniForConditionalGeneration(VaswaniConfig.from_preset('tiny', vocab_size=32)).eval()\n"
+        "assert p.allocator_settings() is None and (torch.tensor([1e-39]) * 1.0).item() != 0.0\n"
+        "model.train()\n"
+        "print(p.allocator_settings(), (torch.tensor([1e-39]) * 1.0).item() == 0.0)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != perf.TUNE_ENV}
+    if setting is not None:
+        env[perf.TUNE_ENV] = setting
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if setting == "0":
+        assert out.stdout.split() == ["None", "False"]
+    else:
+        assert "'mmap_max': 0" in out.stdout and out.stdout.split()[-1] == "True"
+
+
 def test_tune_cpu_training_flushes_denormals():
     before = torch.tensor([1e-39])
     assert before.item() != 0.0
@@ -90,15 +116,18 @@ def test_tune_cpu_training_flushes_denormals():
 
 
 @pytest.mark.parametrize(
-    ("cpuinfo", "expected"),
+    ("cpuinfo", "speedup", "expected"),
     [
-        ("processor : 0\nflags : fpu sse avx512f avx512_bf16 amx_tile\n", True),  # x86 with AVX512-BF16
-        ("processor : 0\nflags : fpu sse avx2 avx512f\n", False),  # AVX-512 without bf16: emulated
-        ("processor : 0\nFeatures : fp asimd bf16 i8mm\n", True),  # Arm
-        (None, False),  # no /proc/cpuinfo (macOS, Windows)
+        ("processor : 0\nflags : fpu sse avx512f avx512_bf16 amx_tile\n", 4.0, True),  # x86 with AMX, measured
+        ("processor : 0\nflags : fpu sse avx512f avx512_bf16\n", 2.1, True),  # AVX512-BF16 without AMX, measured
+        ("processor : 0\nflags : fpu sse avx512f avx512_bf16\n", 1.1, False),  # the flag, but no measured gain
+        ("processor : 0\nflags : fpu sse avx2 avx512f\n", None, False),  # AVX-512 without bf16: emulated
+        ("processor : 0\nFeatures : fp asimd bf16 i8mm\n", 2.0, True),  # Arm
+        (None, None, False),  # no /proc/cpuinfo (macOS, Windows)
     ],
 )
-def test_has_fast_bf16_reads_the_cpu_flags(cpuinfo, expected, monkeypatch):
+def test_has_fast_bf16_needs_the_flags_and_a_measured_gain(cpuinfo, speedup, expected, monkeypatch):
+    """The flags decide whether measuring is worth it (emulated bf16 would take seconds); the measurement decides."""
     import builtins
     import io
 
@@ -111,6 +140,16 @@ def test_has_fast_bf16_reads_the_cpu_flags(cpuinfo, expected, monkeypatch):
             raise FileNotFoundError(path)
         return io.StringIO(cpuinfo)
 
+    def measured() -> float:
+        assert speedup is not None, "measured bf16 on a CPU without bf16 products"
+        return speedup
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(perf, "bf16_speedup", measured)
     assert perf.has_fast_bf16() is expected
+
+
+def test_bf16_speedup_measures_a_ratio_of_matrix_products():
+    """A positive ratio from a small product (correctness of the measurement, not a speed claim)."""
+    assert perf.bf16_speedup.__wrapped__(n=64, repeats=1) > 0

@@ -162,7 +162,7 @@ def test_remote_code_loads_without_package(tmp_path):
     model = tiny_model()
     model.config.auto_map = {"AutoModel": "modeling.VaswaniModel"}
     model.save_pretrained(tmp_path)
-    siblings = {"unpadded.py", "losses.py", "generation.py", "decoding.py", "pipeline.py"}
+    siblings = {"unpadded.py", "losses.py", "perf.py", "generation.py", "decoding.py", "pipeline.py"}
     assert {"configuration.py", "modeling.py", *siblings} <= {p.name for p in tmp_path.iterdir()}
     ids, mask = padded_batch()
     expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)

@@ -53,6 +53,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration import VaswaniConfig
 from .generation import VaswaniGenerationMixin, apply_paper_generation_defaults
 from .losses import output_layer_cross_entropy, token_cross_entropy
+from .perf import tune_cpu_training_once
 from .unpadded import (
     FastDropout,
     Unpadded,
@@ -438,6 +439,13 @@ class VaswaniPreTrainedModel(PreTrainedModel):
         for name in missing_sources:
             self.get_parameter(name)._is_hf_initialized = False
         loading_info.missing_keys |= missing_sources
+
+    def train(self, mode: bool = True) -> "VaswaniPreTrainedModel":
+        """``nn.Module.train``; the first time a model trains on a CPU, it also applies the process settings that
+        make CPU training faster (:func:`.perf.tune_cpu_training_once`; ``VASWANI_TUNE_CPU=0`` keeps them off)."""
+        if mode:
+            tune_cpu_training_once(self.device)
+        return super().train(mode)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Xavier-uniform projections and N(0, d_model^-0.5) embeddings, as fairseq and tensor2tensor do

@@ -1,4 +1,4 @@
-"""Opt-in process settings that make CPU training and decoding faster. Nothing here runs at import.
+"""Process settings that make CPU training and decoding faster. Nothing here runs at import.
 
 :func:`tune_allocator` keeps glibc from handing large freed buffers back to the kernel. By default glibc
 serves every allocation over a (dynamic) threshold of at most 32 MiB with its own ``mmap`` and ``munmap`` s it
@@ -10,18 +10,26 @@ for reuse: faster, but the resident size stays at its high-water mark.
 :func:`flush_denormals` makes the CPU treat fp32 numbers below 1.2e-38 (denormals) as zero. Gradients of a
 small model trained with dropout produce them, and every matrix multiply that reads one drops to a slow
 path: fp32 training of the multi30k preset ran 1.9x faster with them flushed (2-core CPU, torch 2.13).
-:func:`tune_cpu_training` applies both; ``vaswani train`` and ``vaswani demo`` call it when training on a CPU.
+:func:`tune_cpu_training` applies both. A Vaswani model applies it the first time it is put in training mode
+on a CPU (:func:`tune_cpu_training_once`, from ``model.train()``, which transformers' ``Trainer`` and training
+loops call), so every way of training gets it; ``VASWANI_TUNE_CPU=0`` in the environment keeps it off.
 
-:func:`has_fast_bf16` tells whether bf16 autocast runs on bf16 hardware (a GPU that supports it, or a CPU
-with AVX512-BF16 / AMX or Arm's BF16 instructions) rather than being emulated; the demo trains in bf16 only
-then.
+:func:`has_fast_bf16` tells whether bf16 autocast pays on this machine: a GPU that supports it, or a CPU with
+bf16 products (AVX512-BF16 / AMX, Arm's BF16) on which a bf16 matrix product is also measured to be faster than
+fp32 (:func:`bf16_speedup`); the demo trains in bf16 only then.
+
+This file is copied next to a saved model (``modeling.py`` imports it), so it imports only torch.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import os
+import statistics
 import sys
+import time
 
 import torch
 
@@ -98,14 +106,58 @@ def cpu_description() -> str:
     )
 
 
+#: CPU flags of bf16 products; without one, bf16 is emulated (two orders of magnitude slower than fp32).
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+#: How much faster than fp32 a bf16 matrix product must run for bf16 autocast to pay: the casts, and the
+#: element-wise work autocast leaves in fp32, take back part of what the products gain.
+BF16_MIN_SPEEDUP = 1.25
+
+
 def has_fast_bf16() -> bool:
-    """Whether bf16 matrix products run natively: on the CUDA GPU if there is one, else on this CPU (the
-    ``avx512_bf16`` / ``amx_bf16`` or Arm ``bf16`` flag in Linux's ``/proc/cpuinfo``; False elsewhere)."""
+    """Whether bf16 autocast pays here: on the CUDA GPU if there is one (if it supports bf16), else on a CPU
+    that has bf16 products (:data:`BF16_FLAGS` in Linux's ``/proc/cpuinfo``) and runs a bf16 matrix product
+    at least :data:`BF16_MIN_SPEEDUP` times as fast as fp32 (:func:`bf16_speedup`, measured once). The flag
+    alone does not tell: a CPU with AVX512-BF16 but not AMX gains about 2x on paper, one whose fp32 already
+    runs near its memory bandwidth less."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    return bool(_cpuinfo()[1] & {"avx512_bf16", "amx_bf16", "bf16"})
+    return bool(_cpuinfo()[1] & BF16_FLAGS) and bf16_speedup() >= BF16_MIN_SPEEDUP
+
+
+@functools.cache
+def bf16_speedup(n: int = 1024, repeats: int = 5) -> float:
+    """fp32 time / bf16 time of an ``n × n`` by ``n × n`` matrix product on this CPU (medians of ``repeats``,
+    after one warm-up each); about 0.1 s where bf16 is native. Do not call it where bf16 is emulated."""
+
+    def median_seconds(dtype: torch.dtype) -> float:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        torch.matmul(a, b)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    return median_seconds(torch.float32) / median_seconds(torch.bfloat16)
 
 
 def tune_cpu_training() -> dict[str, bool]:
     """Both settings of this module, as ``vaswani train`` and ``vaswani demo`` use on a CPU."""
     return {"allocator": tune_allocator(), "flush_denormals": flush_denormals()}
+
+
+#: ``VASWANI_TUNE_CPU=0`` keeps models from applying :func:`tune_cpu_training` when they start training.
+TUNE_ENV = "VASWANI_TUNE_CPU"
+_training_tuned = False
+
+
+def tune_cpu_training_once(device: torch.device) -> None:
+    """:func:`tune_cpu_training`, the first time in this process that a model is put in training mode on a CPU,
+    unless ``VASWANI_TUNE_CPU=0``: a user of transformers' ``Trainer`` or of a loop of their own then trains
+    as ``vaswani train`` does (the allocator setting matters most where large buffers come and go each step)."""
+    global _training_tuned
+    if _training_tuned or device.type != "cpu" or os.environ.get(TUNE_ENV, "1") == "0":
+        return
+    _training_tuned = True
+    tune_cpu_training()
