@@ -261,3 +261,46 @@ def test_ctranslate2_bad_input_is_refused_and_nothing_is_half_written(ct2_export
                  ["translate", "--engine", "ctranslate2", str(exported), "x"]):
         assert "pip install vaswani[ct2]" in _fails(argv, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# ONNX (vaswani[onnx]) ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tokenizer_dir, tmp_path_factory) -> tuple[Path, Path]:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    folder = tmp_path_factory.mktemp("onnx")
+    source = _vaswani_folder(folder / "vaswani", tokenizer_dir)  # the paper's interleaved positions
+    main(["export", "onnx", str(source), str(folder / "onnx")])
+    return source, folder / "onnx"
+
+
+def test_onnx_export_computes_what_pytorch_does(onnx_export):
+    """ONNX Runtime on the exported graphs: the logits of a prefix within 1e-4, and the same greedy tokens as
+    ``generate(num_beams=1)``, on sentences of different lengths (dynamic batch, source and target sizes)."""
+    from vaswani.modeling import VaswaniForConditionalGeneration
+    from vaswani.onnx_export import OnnxGreedyTranslator
+
+    source, exported = onnx_export
+    model = VaswaniForConditionalGeneration.from_pretrained(source).eval()
+    batch = AutoTokenizer.from_pretrained(exported)(SENTENCES, padding=True, return_tensors="pt")
+    onnx = OnnxGreedyTranslator(exported, threads=1)
+    expected = model.generate(**batch, num_beams=1, max_new_tokens=MAX_NEW_TOKENS)
+    got = onnx.generate(batch["input_ids"].numpy(), batch["attention_mask"].numpy(), MAX_NEW_TOKENS)
+    assert got.tolist() == expected.tolist()
+    prefix = expected[:, :5]
+    with torch.no_grad():
+        logits = model(**batch, decoder_input_ids=prefix).logits
+    onnx_logits = onnx.logits(batch["input_ids"].numpy(), batch["attention_mask"].numpy(), prefix.numpy())
+    assert float((torch.from_numpy(onnx_logits) - logits).abs().max()) < 1e-4
+
+
+def test_onnx_bad_input_is_refused_and_nothing_is_half_written(onnx_export, tmp_path, capsys, monkeypatch):
+    source, exported = onnx_export
+    assert "already holds a model" in _fails(["export", "onnx", str(source), str(exported)], capsys)
+    err = _fails(["export", "onnx", str(exported), str(tmp_path / "out")], capsys)  # graphs, no model weights
+    assert "no file named model.safetensors" in err
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed
+    assert "pip install vaswani[onnx]" in _fails(["export", "onnx", str(source), str(tmp_path / "out")], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -101,6 +101,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument("--overwrite", action="store_true", help="replace a model already in the output folder")
     c.set_defaults(func=_run_export_ctranslate2)
+    o = esub.add_parser(
+        "onnx", help="a Vaswani folder → encoder and decoder ONNX graphs with its tokenizer (needs vaswani[onnx])"
+    )
+    o.add_argument("model", help="Vaswani model folder (with its tokenizer) or Hub id")
+    o.add_argument("output", help="new folder for the ONNX graphs, the Marian config and the tokenizer")
+    o.add_argument("--overwrite", action="store_true", help="replace a model already in the output folder")
+    o.set_defaults(func=_run_export_onnx)
 
 
 def _run_export_marian(args: argparse.Namespace) -> None:
@@ -120,6 +127,13 @@ def _run_export_ctranslate2(args: argparse.Namespace) -> None:
         f"exported {args.model} as a CTranslate2 model ({args.quantization}) into {args.output}; decoding: "
         + ", ".join(f"{key}={value}" for key, value in settings.items())
     )
+
+
+def _run_export_onnx(args: argparse.Namespace) -> None:
+    from ..onnx_export import DECODER_FILE, ENCODER_FILE, export_onnx
+
+    printing_notes(lambda: export_onnx(args.model, args.output, overwrite=args.overwrite))
+    print(f"exported {args.model} as ONNX ({ENCODER_FILE}, {DECODER_FILE}) into {args.output}")
 
 
 COMMANDS = [_add_push, _add_convert, _add_export]
