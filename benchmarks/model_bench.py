@@ -59,7 +59,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from vaswani import VaswaniConfig, VaswaniForConditionalGeneration  # noqa: E402
 from vaswani.convert import vaswani_to_marian  # noqa: E402
-from vaswani.perf import cpu_description, flush_denormals, tune_allocator  # noqa: E402
+from vaswani.perf import cpu_description, flush_denormals, matmul_seconds, tune_allocator  # noqa: E402
 
 #: Benchmark shapes: a configuration preset and the (shared) vocabulary size used with it.
 SHAPES = {"small": ("small", 8000), "base": ("base", 37000)}
@@ -81,14 +81,7 @@ PATHS = {
 
 def matmul_gflops(n: int, dtype: torch.dtype, repeats: int) -> float:
     """Median GFLOP/s of an n × n by n × n matrix product."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.matmul(a, b)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    return 2 * n**3 / matmul_seconds(n, dtype, repeats) / 1e9
 
 
 def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...], repeats: int) -> tuple[float, int]:

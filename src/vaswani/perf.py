@@ -126,20 +126,21 @@ def has_fast_bf16() -> bool:
 
 @functools.cache
 def bf16_speedup(n: int = 1024, repeats: int = 5) -> float:
-    """fp32 time / bf16 time of an ``n × n`` by ``n × n`` matrix product on this CPU (medians of ``repeats``,
-    after one warm-up each); about 0.1 s where bf16 is native. Do not call it where bf16 is emulated."""
+    """fp32 time / bf16 time of an ``n × n`` by ``n × n`` matrix product on this CPU (:func:`matmul_seconds`);
+    about 0.1 s where bf16 is native. Do not call it where bf16 is emulated."""
+    return matmul_seconds(n, torch.float32, repeats) / matmul_seconds(n, torch.bfloat16, repeats)
 
-    def median_seconds(dtype: torch.dtype) -> float:
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+
+def matmul_seconds(n: int, dtype: torch.dtype, repeats: int) -> float:
+    """Median seconds of an ``n × n`` by ``n × n`` matrix product in ``dtype`` (after one warm-up)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.matmul(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
         torch.matmul(a, b)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.matmul(a, b)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    return median_seconds(torch.float32) / median_seconds(torch.bfloat16)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def tune_cpu_training() -> dict[str, bool]:

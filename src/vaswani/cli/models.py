@@ -80,34 +80,40 @@ def _run_convert_marian(args: argparse.Namespace) -> None:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a Vaswani model folder for other engines")
     esub = p.add_subparsers(dest="export_command", required=True)
-    m = esub.add_parser(
-        "marian", help="a Vaswani folder → a MarianMTModel folder that plain transformers loads (no remote code)"
-    )
-    m.add_argument("model", help="Vaswani model folder (with its tokenizer) or Hub id")
-    m.add_argument("output", help="new folder for the MarianMTModel and its tokenizer")
-    m.add_argument("--overwrite", action="store_true", help="replace a model already in the output folder")
-    m.set_defaults(func=_run_export_marian)
-    c = esub.add_parser(
+    _export_parser(
+        esub,
+        "marian",
+        "a Vaswani folder → a MarianMTModel folder that plain transformers loads (no remote code)",
+        "new folder for the MarianMTModel and its tokenizer",
+    ).set_defaults(func=_run_export_marian)
+    c = _export_parser(
+        esub,
         "ctranslate2",
-        help="a Vaswani folder → a CTranslate2 model folder with its tokenizer (needs vaswani[ct2])",
+        "a Vaswani folder → a CTranslate2 model folder with its tokenizer (needs vaswani[ct2])",
+        "new folder for the CTranslate2 model, its tokenizer and decoding settings",
     )
-    c.add_argument("model", help="Vaswani model folder (with its tokenizer) or Hub id")
-    c.add_argument("output", help="new folder for the CTranslate2 model, its tokenizer and decoding settings")
     c.add_argument(
         "--quantization",
         default="float32",
         choices=["float32", "int8", "int8_float32", "bfloat16"],
         help="weight type (default float32); int8 is the fastest on CPUs",
     )
-    c.add_argument("--overwrite", action="store_true", help="replace a model already in the output folder")
     c.set_defaults(func=_run_export_ctranslate2)
-    o = esub.add_parser(
-        "onnx", help="a Vaswani folder → encoder and decoder ONNX graphs with its tokenizer (needs vaswani[onnx])"
-    )
-    o.add_argument("model", help="Vaswani model folder (with its tokenizer) or Hub id")
-    o.add_argument("output", help="new folder for the ONNX graphs, the Marian config and the tokenizer")
-    o.add_argument("--overwrite", action="store_true", help="replace a model already in the output folder")
-    o.set_defaults(func=_run_export_onnx)
+    _export_parser(
+        esub,
+        "onnx",
+        "a Vaswani folder → encoder and decoder ONNX graphs with its tokenizer (needs vaswani[onnx])",
+        "new folder for the ONNX graphs, the Marian config and the tokenizer",
+    ).set_defaults(func=_run_export_onnx)
+
+
+def _export_parser(esub: argparse._SubParsersAction, name: str, about: str, output: str) -> argparse.ArgumentParser:
+    """An ``export`` sub-command with what every export takes: the model, the output folder, ``--overwrite``."""
+    p = esub.add_parser(name, help=about)
+    p.add_argument("model", help="Vaswani model folder (with its tokenizer) or Hub id")
+    p.add_argument("output", help=output)
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in the output folder")
+    return p
 
 
 def _run_export_marian(args: argparse.Namespace) -> None:
