@@ -189,3 +189,25 @@ def test_multi30k_train_loads_aligned() -> None:
     assert report.pairs == 29000 and report.lines == 29000 and report.empty_pairs_dropped == 0
     assert pairs[0]["target"] == "Zwei junge weiße Männer sind im Freien in der Nähe vieler Büsche."
     assert pairs[28999]["source"].strip() and pairs[28999]["target"].strip()
+
+
+def test_files_stream_into_arrow_and_a_second_run_tokenizes_nothing(tmp_path: Path, tok, monkeypatch) -> None:
+    """The text goes into an Arrow file in datasets' cache (no Python lists of the corpus); the same files give
+    the same cached dataset, and tokenizing it again reads the cached result instead of running the tokenizer."""
+    from vaswani.training import data
+
+    src, tgt = _write(tmp_path / "s", EN * 3), _write(tmp_path / "t", DE * 3)
+    pairs, report = dataset_from_files(src, tgt)
+    assert pairs.cache_files and report.lines == 15 and report.empty_pairs_dropped == 3
+    first, _ = tokenize_corpus(pairs, tok)
+    calls = []
+    encode = data._encode_batch
+    monkeypatch.setattr(data, "_encode_batch", lambda *args, **kwargs: calls.append(1) or encode(*args, **kwargs))
+    again, _ = dataset_from_files(src, tgt)
+    assert again.cache_files[0]["filename"] == pairs.cache_files[0]["filename"]
+    tokenized, _ = tokenize_corpus(again, tok)
+    assert calls == [] and tokenized["input_ids"] == first["input_ids"]
+    _write(src, EN[::-1] * 3)  # a changed file (another size) is read again
+    changed, _ = dataset_from_files(src, tgt)
+    assert changed.cache_files[0]["filename"] != pairs.cache_files[0]["filename"]
+    assert changed[0]["source"] == EN[-1]

@@ -4,7 +4,7 @@ Every loader returns a :class:`datasets.Dataset` with two string columns, ``sour
 plus a :class:`LoadReport` of what was counted on the way. Sources:
 
 * line-aligned text files, plain or gzipped (the Multi30k layout: ``train.en.gz`` + ``train.de.gz``):
-  :func:`read_parallel_files`;
+  :func:`dataset_from_files` (streamed into Arrow; :func:`read_parallel_files` gives Python lists);
 * a ``datasets`` dataset with a ``translation`` column of ``{lang: text}`` dicts (the Hub's WMT/OPUS
   layout) or two text columns: :func:`pairs_from_dataset`;
 * a Hub dataset name (needs a network or a populated cache): :func:`load_parallel_corpus`.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import os
 import zlib
 from collections.abc import Iterator, Sequence
@@ -174,27 +175,38 @@ def _check_policy(value: str, allowed: Sequence[str], name: str) -> None:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
-def _filter_empty(
-    sources: list[str], targets: list[str], empty_lines: EmptyLines, report: LoadReport, where: str
-) -> tuple[list[str], list[str]]:
-    empty = [i for i, (s, t) in enumerate(zip(sources, targets)) if _is_empty(s) or _is_empty(t)]
-    if empty and empty_lines == "error":
-        shown = ", ".join(str(i + 1) for i in empty[:5])
+def _empty_pair_policy(empty: np.ndarray, policy: EmptyLines, report: LoadReport, where: str) -> np.ndarray | None:
+    """Apply ``policy`` to the pairs flagged ``empty`` (a boolean per pair): the indices of the pairs to keep
+    (None: all), with the counts in ``report``; ``"error"`` raises, naming the first lines."""
+    found = np.flatnonzero(empty)
+    if found.size and policy == "error":
+        shown = ", ".join(str(i + 1) for i in found[:5])
         raise ValueError(
-            f"{where}: {len(empty)} pairs have an empty source or target (lines/rows {shown}"
-            f"{', ...' if len(empty) > 5 else ''}); pass empty_lines='drop' or 'keep'"
+            f"{where}: {found.size} pairs have an empty source or target (lines/rows {shown}"
+            f"{', ...' if found.size > 5 else ''}); pass empty_lines='drop' or 'keep'"
         )
-    if empty and empty_lines == "drop":
-        drop = set(empty)
-        sources = [s for i, s in enumerate(sources) if i not in drop]
-        targets = [t for i, t in enumerate(targets) if i not in drop]
-        report.empty_pairs_dropped = len(empty)
-    elif empty:
-        report.empty_pairs_kept = len(empty)
-    report.pairs = len(sources)
-    if not sources:
+    keep = None
+    if found.size and policy == "drop":
+        keep = np.flatnonzero(~empty)
+        report.empty_pairs_dropped = int(found.size)
+    elif found.size:
+        report.empty_pairs_kept = int(found.size)
+    report.pairs = len(empty) if keep is None else len(keep)
+    if report.pairs == 0:
         raise ValueError(f"{where}: the corpus is empty (no sentence pairs left after reading)")
-    return sources, targets
+    return keep
+
+
+def _blank_pairs(pairs, batch_size: int = 50_000) -> np.ndarray:
+    """Which pairs of a ``source``/``target`` dataset have an empty or whitespace-only side, computed batch by
+    batch in Arrow: the corpus never becomes Python strings."""
+    import pyarrow.compute as pc
+
+    flags = [np.zeros(0, dtype=bool)]
+    for batch in pairs.with_format("arrow").iter(batch_size=batch_size):
+        blank = [pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(batch[side])), 0) for side in ("source", "target")]
+        flags.append(pc.or_(*blank).to_numpy(zero_copy_only=False))
+    return np.concatenate(flags)
 
 
 def read_parallel_files(
@@ -215,16 +227,33 @@ def read_parallel_files(
         ValueError: the files have different line counts, a line is not UTF-8, or no pair is left.
     """
     _check_policy(empty_lines, EMPTY_LINE_POLICIES, "empty_lines")
-    sources = list(read_lines(source))
-    targets = list(read_lines(target))
-    if len(sources) != len(targets):
-        raise ValueError(
-            f"line counts differ: {source} has {len(sources):,} lines but {target} has {len(targets):,}; "
-            "the files must be line-aligned translations of each other"
-        )
-    report = LoadReport(source=str(source), target=str(target), lines=len(sources))
-    sources, targets = _filter_empty(sources, targets, empty_lines, report, f"{source} / {target}")
-    return sources, targets, report
+    pairs = list(_aligned_lines(os.fspath(source), os.fspath(target)))
+    report = LoadReport(source=str(source), target=str(target), lines=len(pairs))
+    empty = np.array([_is_empty(s) or _is_empty(t) for s, t in pairs], dtype=bool)
+    keep = _empty_pair_policy(empty, empty_lines, report, f"{source} / {target}")
+    kept = pairs if keep is None else [pairs[i] for i in keep]
+    return [s for s, _ in kept], [t for _, t in kept], report
+
+
+def _aligned_lines(source: str, target: str) -> Iterator[tuple[str, str]]:
+    """Line i of ``source`` with line i of ``target``, read as they are consumed; files of different lengths are
+    an error naming both line counts."""
+    sources, targets = read_lines(source), read_lines(target)
+    for count, pair in enumerate(itertools.zip_longest(sources, targets), start=1):
+        if None in pair:
+            rest = 1 + sum(1 for _ in (targets if pair[0] is None else sources))
+            counts = (count - 1, count - 1 + rest) if pair[0] is None else (count - 1 + rest, count - 1)
+            raise ValueError(
+                f"line counts differ: {source} has {counts[0]:,} lines but {target} has {counts[1]:,}; "
+                "the files must be line-aligned translations of each other"
+            )
+        yield pair
+
+
+def _file_rows(source: str, target: str, fingerprint: str) -> Iterator[dict[str, str]]:
+    """Rows for ``Dataset.from_generator`` (``fingerprint`` keys datasets' cache to the files' size and time)."""
+    for src, tgt in _aligned_lines(source, target):
+        yield {"source": src, "target": tgt}
 
 
 def _file_fingerprint(*paths: str | os.PathLike[str], extra: str = "") -> str:
@@ -243,14 +272,28 @@ def dataset_from_files(
 ):
     """Read two line-aligned files into a ``datasets.Dataset`` with ``source`` and ``target`` columns.
 
-    The dataset's fingerprint is derived from the files (path, size, mtime) so that later ``map`` calls
-    with a ``cache_dir`` reuse their cache across runs.
+    The lines stream into an Arrow file in datasets' cache (``Dataset.from_generator``), so no step holds the
+    corpus as Python objects, and a second run with the same files (path, size, mtime) reads that file instead
+    of the text; ``map`` results on it (tokenizing) are cached beside it. Empty pairs are found in Arrow.
     """
-    from datasets import Dataset
+    from datasets import Dataset, Features, Value
+    from datasets.exceptions import DatasetGenerationError
 
-    sources, targets, report = read_parallel_files(source, target, empty_lines=empty_lines)
-    table = Dataset.from_dict({"source": sources, "target": targets}).data
-    return Dataset(table, fingerprint=_file_fingerprint(source, target, extra=empty_lines)), report
+    _check_policy(empty_lines, EMPTY_LINE_POLICIES, "empty_lines")
+    paths = {"source": os.fspath(source), "target": os.fspath(target)}
+    if next(_aligned_lines(**paths), None) is None:  # datasets cannot hold a split without rows
+        raise ValueError(f"{source} / {target}: the corpus is empty (no sentence pairs in the files)")
+    try:
+        pairs = Dataset.from_generator(
+            _file_rows,
+            features=Features({"source": Value("string"), "target": Value("string")}),
+            gen_kwargs={**paths, "fingerprint": _file_fingerprint(source, target)},
+        )
+    except DatasetGenerationError as err:  # the reader's own error (misaligned, damaged, not UTF-8) says more
+        raise (err.__cause__ or err) from None
+    report = LoadReport(source=str(source), target=str(target), lines=len(pairs))
+    keep = _empty_pair_policy(_blank_pairs(pairs), empty_lines, report, f"{source} / {target}")
+    return (pairs if keep is None else pairs.select(keep)), report
 
 
 def pairs_from_dataset(
@@ -310,27 +353,8 @@ def pairs_from_dataset(
     pairs = dataset.map(
         project, batched=True, remove_columns=columns, num_proc=num_proc, desc="Selecting source/target"
     )
-    is_empty = [
-        _is_empty(s) or _is_empty(t)
-        for s, t in zip(
-            pairs.with_format("arrow")["source"].to_pylist(), pairs.with_format("arrow")["target"].to_pylist()
-        )
-    ]
-    n_empty = sum(is_empty)
-    if n_empty and empty_lines == "error":
-        first = is_empty.index(True)
-        raise ValueError(
-            f"{n_empty} pairs have an empty source or target (first: row {first}); pass empty_lines='drop' or 'keep'"
-        )
-    if n_empty and empty_lines == "drop":
-        pairs = pairs.select([i for i, e in enumerate(is_empty) if not e])
-        report.empty_pairs_dropped = n_empty
-    elif n_empty:
-        report.empty_pairs_kept = n_empty
-    report.pairs = len(pairs)
-    if len(pairs) == 0:
-        raise ValueError(f"{report.source} / {report.target}: the corpus is empty (no sentence pairs)")
-    return pairs, report
+    keep = _empty_pair_policy(_blank_pairs(pairs), empty_lines, report, f"{report.source} / {report.target}")
+    return (pairs if keep is None else pairs.select(keep)), report
 
 
 def load_parallel_corpus(
@@ -408,9 +432,9 @@ def tokenize_corpus(
     ending in ``</s>`` (``"truncate"``); both are counted. ``max_length=None`` keeps everything.
 
     The result has ``input_ids`` and ``labels`` columns (the text columns too if ``keep_text``), ready for
-    ``DataCollatorForSeq2Seq``. ``map`` caches its result: for datasets backed by files (Hub datasets)
-    in the dataset's cache, for in-memory ones (e.g. from :func:`dataset_from_files`) in ``cache_dir`` if
-    given. ``num_proc`` is passed to ``map``.
+    ``DataCollatorForSeq2Seq``. ``map`` caches its result, so a second run does not tokenize again: for
+    datasets backed by files (:func:`dataset_from_files`, Hub datasets) beside them in datasets' cache, for
+    in-memory ones in ``cache_dir`` if given. ``num_proc`` is passed to ``map``.
 
     Returns ``(tokenized, report)``.
     """
@@ -421,15 +445,22 @@ def tokenize_corpus(
         if col not in dataset.column_names:
             raise ValueError(f"the dataset needs a {col!r} column; load it with load_parallel_corpus")
     remove = [c for c in dataset.column_names if not keep_text or c not in ("source", "target")]
-    kwargs: dict[str, Any] = {}
+    # The result's fingerprint names exactly what it depends on, so that the cache is found again (hashing a fast
+    # tokenizer object is not stable across processes; its serialized form is).
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        identity = backend.to_str()
+    else:
+        from datasets.fingerprint import Hasher
+
+        identity = Hasher.hash(tokenizer)
+    digest = hashlib.sha256(
+        f"{dataset._fingerprint}|{identity}|{max_length}|{overlong}|{keep_text}".encode()
+    ).hexdigest()[:16]
+    kwargs: dict[str, Any] = {"new_fingerprint": digest}
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
-        digest = hashlib.sha256(
-            f"{dataset._fingerprint}|{tokenizer.backend_tokenizer.to_str()}|{max_length}|{overlong}|"
-            f"{keep_text}".encode()
-        ).hexdigest()[:16]
         kwargs["cache_file_name"] = os.path.join(os.fspath(cache_dir), f"tokenized-{digest}.arrow")
-        kwargs["new_fingerprint"] = digest
     mapped = dataset.map(
         _encode_batch,
         batched=True,

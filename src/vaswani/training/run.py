@@ -421,10 +421,11 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
         else:
             tokenizer = start_tokenizer or load_tokenizer(settings.output_dir)
     config = start_model.config if start_model is not None else build_config(settings, tokenizer)
-    train_set, _, train_report = tokenized_split(settings.train_corpus, tokenizer, settings)
-    valid_set = None
-    if settings.valid_corpus is not None:
-        valid_set, _, _ = tokenized_split(settings.valid_corpus, tokenizer, settings, settings.eval_max_sentences)
+    with state.local_main_process_first():  # one process per machine reads and tokenizes; the others load its cache
+        train_set, _, train_report = tokenized_split(settings.train_corpus, tokenizer, settings)
+        valid_set = None
+        if settings.valid_corpus is not None:
+            valid_set, _, _ = tokenized_split(settings.valid_corpus, tokenizer, settings, settings.eval_max_sentences)
     print(
         f"training pairs: {train_report.pairs_out} ({train_report.overlong_dropped} over {settings.max_length} "
         "tokens dropped)"
