@@ -256,8 +256,8 @@ def _file_rows(source: str, target: str, fingerprint: str) -> Iterator[dict[str,
         yield {"source": src, "target": tgt}
 
 
-def _file_fingerprint(*paths: str | os.PathLike[str], extra: str = "") -> str:
-    digest = hashlib.sha256(extra.encode())
+def _file_fingerprint(*paths: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
     for path in paths:
         stat = os.stat(path)
         digest.update(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
