@@ -88,6 +88,15 @@ def test_sentences_ending_at_different_steps(num_beams, seed, sharpness, eos_bia
     assert len(ends - {None}) >= 2, ends
 
 
+@pytest.mark.parametrize("vocab_size", [5, 9])
+@torch.no_grad()
+def test_vocabulary_smaller_than_twice_the_beams(vocab_size, loop_calls):
+    """Each beam's best 2k continuations are all of its vocabulary when that has fewer than 2k tokens."""
+    model = _model(3, eos_bias=1.0, vocab_size=vocab_size)
+    ids, mask = padded_batch(lengths=(6, 3, 5), seed=4, vocab_size=vocab_size)
+    _same_as_transformers(model, loop_calls, ids, mask, num_beams=5, max_new_tokens=8)
+
+
 @torch.no_grad()
 def test_model_bench_request(loop_calls):
     """model_bench.py's shape of request: min_new_tokens == max_new_tokens, early stopping, α = 1."""

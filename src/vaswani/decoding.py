@@ -356,10 +356,13 @@ def _beam_step(
     """One step of transformers' beam search on ``beams`` (updated in place) given the next-token log-probs
     (``[b·k, vocab]``); returns the running beam each new running beam extends (``[b, k]``)."""
     b, k = beams.running_scores.shape
-    vocab = log_probs.shape[-1]
-    scores = (log_probs.view(b, k, vocab) + beams.running_scores[:, :, None]).view(b, k * vocab)
-    top_scores, top_indices = torch.topk(scores, 2 * k)  # 2k, so that k of them do not end in </s>
-    top_beams, top_tokens = top_indices // vocab, top_indices % vocab
+    # The top 2k continuations of a sentence (2k, so that k of them do not end in </s>) are among the top 2k of
+    # each of its beams: those are all that get the beam's score added (not [b, k, vocab] of them).
+    per_beam = min(2 * k, log_probs.shape[-1])
+    beam_best, beam_best_tokens = torch.topk(log_probs, per_beam)
+    scores = (beam_best.view(b, k, per_beam) + beams.running_scores[:, :, None]).view(b, k * per_beam)
+    top_scores, top_indices = torch.topk(scores, 2 * k)
+    top_beams, top_tokens = top_indices // per_beam, beam_best_tokens.view(b, k * per_beam).gather(1, top_indices)
     candidates = _take(beams.running, top_beams)
     candidates[:, :, cur_len] = top_tokens
     ended = (top_tokens == eos) | (cur_len + 1 >= max_length)

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Loaded in float32, then every linear layer in int8 (:mod:`vaswani.quantization`; CPU).
+INT8 = "int8"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "source.spm", "vocab.json", "spiece.model")
 
 
@@ -108,7 +110,8 @@ def _unreachable(model_id: str, err: Exception) -> ModelNotFoundError:
 def load_translation_model(
     model_id_or_path: str | os.PathLike[str], device: str = "cpu", dtype: str = "float32"
 ) -> tuple[Any, Any]:
-    """Load a seq2seq model and its tokenizer from a folder or Hub id, in eval mode on ``device``/``dtype``.
+    """Load a seq2seq model and its tokenizer from a folder or Hub id, in eval mode on ``device``/``dtype``
+    (one of :data:`DTYPES`, or ``"int8"``: float32 with int8 linear layers, on the CPU).
 
     Vaswani folders load with the package's classes; other transformers seq2seq models (e.g. Marian) too; a
     folder's own code is never run. Raises :class:`ModelNotFoundError` naming the problem (no such folder, no
@@ -119,9 +122,12 @@ def load_translation_model(
 
     import vaswani  # noqa: F401  (registers the Vaswani classes with the Auto classes)
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype not in (*DTYPES, INT8):
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join((*DTYPES, INT8))}")
     check_device(device)
+    if dtype == INT8 and torch.device(device).type != "cpu":
+        raise ValueError(f"dtype int8 runs on the CPU only (torch's int8 products); use --device cpu, or bfloat16 "
+                         f"on {device}")
     name = os.fspath(model_id_or_path)
     source = Path(name).expanduser()
     if source.exists():
@@ -133,11 +139,17 @@ def load_translation_model(
         raise ModelNotFoundError(f"no such folder: {name}; pass the folder that holds the model's config.json")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-        model = AutoModelForSeq2SeqLM.from_pretrained(name, dtype=DTYPES[dtype], trust_remote_code=False)
+        model = AutoModelForSeq2SeqLM.from_pretrained(
+            name, dtype=DTYPES.get(dtype, torch.float32), trust_remote_code=False
+        )
     except OSError as err:
         if source.exists():
             raise
         raise _unreachable(name, err) from err
+    if dtype == INT8:
+        from .quantization import quantize_linear_layers
+
+        quantize_linear_layers(model)
     return model.to(device).eval(), tokenizer
 
 

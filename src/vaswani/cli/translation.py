@@ -61,9 +61,10 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="torch engine: cpu, cuda, cuda:1, mps, ... (default: cpu)")
     p.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
+        choices=["float32", "bfloat16", "float16", "int8"],
         help="torch engine: weights and computation (default float32; bfloat16 is fast on CPUs with "
-        "AMX/AVX-512); CTranslate2 computes in its export's --quantization",
+        "AMX/AVX-512; int8: every linear layer as an int8 product, CPU only); CTranslate2 computes in its "
+        "export's --quantization",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar shown for files")
     p.set_defaults(func=_run_translate)
