@@ -60,6 +60,11 @@ class TrainOptions:
         default=None, metadata={"help": "validation source file for loss, BLEU and chrF (default: no validation)"}
     )
     valid_target: str | None = field(default=None, metadata={"help": "validation target file (default: none)"})
+    valid_split: str | None = field(
+        default=None,
+        metadata={"help": "validate on this split of --dataset, e.g. validation (WMT14 on the Hub: newstest2013; "
+                  "default: no validation)"},
+    )
     init_from: str | None = field(
         default=None,
         metadata={
@@ -244,19 +249,33 @@ def _parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
+def validation_corpus(options: argparse.Namespace, train_corpus: dict[str, Any]) -> dict[str, Any] | None:
+    """The validation corpus: ``--valid-source``/``--valid-target`` files, or ``--valid-split`` of ``--dataset``
+    (read with the training corpus' languages or columns)."""
+    files = options.valid_source or options.valid_target
+    if options.valid_split is not None:
+        if files:
+            raise ValueError("give --valid-split (a split of --dataset) or --valid-source/--valid-target, not both")
+        if options.dataset is None:
+            raise ValueError("--valid-split names a split of --dataset; with --source/--target files give "
+                             "--valid-source and --valid-target instead")
+        return {**train_corpus, "split": options.valid_split}
+    if files:
+        if not (options.valid_source and options.valid_target):
+            raise ValueError("give both --valid-source and --valid-target")
+        return {"source": options.valid_source, "target": options.valid_target}
+    return None
+
+
 def _run_train(cli_args: argparse.Namespace) -> None:
     from ..training.run import TrainSettings, train
 
     args, options = parse_train_args(cli_args.options)
-    valid = None
-    if options.valid_source or options.valid_target:
-        if not (options.valid_source and options.valid_target):
-            raise ValueError("give both --valid-source and --valid-target")
-        valid = {"source": options.valid_source, "target": options.valid_target}
+    train_corpus = corpus_kwargs(options)
     settings = TrainSettings(
         args=args,
-        train_corpus=corpus_kwargs(options),
-        valid_corpus=valid,
+        train_corpus=train_corpus,
+        valid_corpus=validation_corpus(options, train_corpus),
         init_from=options.init_from,
         preset=options.preset,
         config_file=Path(options.model_config) if options.model_config else None,

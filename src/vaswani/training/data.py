@@ -296,6 +296,14 @@ def dataset_from_files(
     return (pairs if keep is None else pairs.select(keep)), report
 
 
+def translation_languages(feature: Any) -> list[str] | None:
+    """The languages of a ``translation`` column: datasets' ``Translation`` feature (the Hub's WMT layout) or a
+    dict of text columns (JSON files); None when the feature does not say."""
+    if hasattr(feature, "languages"):
+        return list(feature.languages)
+    return list(feature.keys()) if hasattr(feature, "keys") else None
+
+
 def pairs_from_dataset(
     dataset,
     *,
@@ -328,9 +336,7 @@ def pairs_from_dataset(
             raise ValueError(
                 "the dataset has a 'translation' column: give source_lang and target_lang (e.g. 'en', 'de')"
             )
-        langs = (
-            list(dataset.features["translation"].keys()) if hasattr(dataset.features["translation"], "keys") else None
-        )
+        langs = translation_languages(dataset.features["translation"])
         for lang in (source_lang, target_lang):
             if langs is not None and lang not in langs:
                 raise ValueError(f"language {lang!r} is not in the translation column; it has {langs}")
