@@ -1,25 +1,32 @@
 """Speed of ``vaswani translate`` against transformers' MarianMTModel and CTranslate2 on the same weights.
 
-Translates a test set (default: Multi30k test_2016_flickr, 1,000 English sentences) with beam 4 and reports
-sentences/s, generated tokens/s and BLEU for:
+Translates a test set (default: Multi30k test_2016_flickr, 1,000 English sentences) with beam 4 and reports, per
+system, sentences/s (median of ``--repeats`` passes, the systems taking turns within each round), the ratio to
+CTranslate2 float32, BLEU, and the share of lines identical to ``vaswani translate`` float32:
 
-* ``vaswani translate`` (:func:`vaswani.translate.translate`: length-sorted token batches), fp32 and bf16,
-  with transformers' length-penalty form so that all systems decode the same way, and once with the
-  paper's GNMT penalty (the model's default);
-* transformers' ``MarianMTModel.generate`` on the same weights (``vaswani_to_marian``), fp32 and bf16, fed
+* ``vaswani translate`` (:func:`vaswani.translate.translate`: length-sorted token batches) in float32, bfloat16
+  and int8 (:mod:`vaswani.quantization`), with transformers' length-penalty form so that all systems decode the
+  same way, and once with the paper's GNMT penalty (the model's default);
+* transformers' ``MarianMTModel.generate`` on the same weights (``vaswani_to_marian``), float32 and bfloat16, fed
   (a) the same length-sorted batches and (b) batches of 32 sentences in file order, as a plain script would;
-* CTranslate2 (if ``import ctranslate2`` works) on a conversion of the same weights, fp32 and bf16.
+* CTranslate2 (if ``import ctranslate2`` works) on ``vaswani export ctranslate2``'s conversion of the same weights,
+  at its best setting for the thread count (``intra_threads`` = threads, ``inter_threads`` = 1, one
+  ``translate_batch`` call with token batches of ``--max-tokens``), in float32, int8 and bfloat16 where this
+  CPU has the kernels;
+* ``vaswani translate --engine ctranslate2`` (:func:`vaswani.ct2.translate_ctranslate2`: our batches and each
+  sentence's own length limit) in float32: the export's token-for-token agreement with the PyTorch path.
 
-All systems run in this one process with the same thread count and allocator, one after the other.
-The model must use Marian's ``[sin | cos]`` positions (``sinusoid_layout="concatenated"``) to export.
+All systems run in this one process with the same thread count and allocator. The CPU model is printed first.
 
-    python benchmarks/translate_bench.py outputs/multi30k-en-de [--threads 2] [--limit N]
+    python benchmarks/translate_bench.py outputs/multi30k-en-de [--threads 2] [--limit N] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +38,7 @@ import torch
 from multi30k_data import add_data_argument, require_files
 
 from vaswani.convert import vaswani_to_marian
+from vaswani.perf import cpu_description
 from vaswani.training.data import read_lines
 from vaswani.translate import load_translation_model, token_batches, translate
 
@@ -90,17 +98,59 @@ def _ct2_translate(translator, tokenizer, sentences: list[str], max_tokens: int)
     return out
 
 
+def _systems(args, sources: list[str], folder: Path) -> dict[str, Callable[[], list[str]]]:
+    """Every system to time, by name (each a call that translates ``sources``)."""
+    model, tokenizer = load_translation_model(args.model)
+    lengths = [len(ids) for ids in tokenizer(sources)["input_ids"]]
+    sorted_batches = token_batches(lengths, args.max_tokens)
+    file_order_batches = [list(range(i, min(i + 32, len(sources)))) for i in range(0, len(sources), 32)]
+    hf_decoding = {"num_beams": BEAM, "length_penalty": ALPHA, "length_penalty_type": "hf",
+                   "max_len_a": MAX_LEN_A, "max_len_b": MAX_LEN_B, "early_stopping": True}
+    models = {"fp32": model, "bf16": load_translation_model(args.model, dtype="bfloat16")[0],
+              "int8": load_translation_model(args.model, dtype="int8")[0]}
+    systems: dict[str, Callable[[], list[str]]] = {}
+    for short, m in models.items():
+        systems[f"vaswani translate, {short}"] = lambda m=m: translate(
+            m, tokenizer, sources, max_tokens=args.max_tokens, **hf_decoding)
+    systems["vaswani translate, fp32, paper decoding (GNMT)"] = lambda: translate(
+        model, tokenizer, sources, max_tokens=args.max_tokens, **{**hf_decoding, "length_penalty_type": "gnmt"})
+    for short in ("fp32", "bf16"):
+        marian = vaswani_to_marian(models[short])
+        systems[f"MarianMTModel.generate, {short}, same sorted batches"] = lambda marian=marian: _marian_translate(
+            marian, tokenizer, sources, sorted_batches)
+        systems[f"MarianMTModel.generate, {short}, 32 sentences in file order"] = (
+            lambda marian=marian: _marian_translate(marian, tokenizer, sources, file_order_batches))
+    try:
+        import ctranslate2
+    except ImportError:
+        print("ctranslate2 is not installed: skipping it (pip install vaswani[ct2])", file=sys.stderr)
+        return systems
+    supported = ctranslate2.get_supported_compute_types("cpu")
+    for compute_type, short in (("float32", "fp32"), ("int8", "int8"), ("bfloat16", "bf16")):
+        if compute_type not in supported:
+            print(f"CTranslate2 {short}: no kernels for this CPU in CTranslate2's build", file=sys.stderr)
+            continue
+        translator = _ctranslate2_model(args.model, folder, compute_type, args.threads)
+        systems[f"CTranslate2, {short}"] = lambda t=translator: _ct2_translate(t, tokenizer, sources, args.max_tokens)
+    from vaswani.ct2 import translate_ctranslate2
+
+    systems["vaswani translate --engine ctranslate2, fp32"] = lambda: translate_ctranslate2(
+        folder / "ct2", sources, threads=args.threads, max_tokens=args.max_tokens,
+        **{key: value for key, value in hf_decoding.items() if key != "early_stopping"})
+    return systems
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="trained Vaswani model folder (concatenated sinusoids)")
+    parser.add_argument("model", help="trained Vaswani model folder")
     add_data_argument(parser)
     parser.add_argument("--source", help="source sentences (default: test_2016_flickr.en.gz in --data)")
     parser.add_argument("--reference", help="reference translations (default: test_2016_flickr.de.gz in --data)")
     parser.add_argument("--limit", type=int, help="first N sentences only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=512, help="source tokens per batch")
-    parser.add_argument("--sweep", default="", help="comma-separated max_tokens values to time vaswani fp32 with")
-    parser.add_argument("--skip", default="", help="comma-separated system names to leave out")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per system (median)")
+    parser.add_argument("--skip", default="", help="comma-separated name fragments of systems to leave out")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
     args.source = args.source or str(args.data / "test_2016_flickr.en.gz")
@@ -110,62 +160,44 @@ def main(argv: list[str] | None = None) -> None:
     sources, references = list(read_lines(args.source)), list(read_lines(args.reference))
     if args.limit:
         sources, references = sources[: args.limit], references[: args.limit]
-    model, tokenizer = load_translation_model(args.model)
-    lengths = [len(ids) for ids in tokenizer(sources)["input_ids"]]
-    sorted_batches = token_batches(lengths, args.max_tokens)
-    file_order_batches = [list(range(i, min(i + 32, len(sources)))) for i in range(0, len(sources), 32)]
-    hf_decoding = {"num_beams": BEAM, "length_penalty": ALPHA, "length_penalty_type": "hf",
-                   "max_len_a": MAX_LEN_A, "max_len_b": MAX_LEN_B, "early_stopping": True}
-    models = {"float32": model, "bfloat16": load_translation_model(args.model, dtype="bfloat16")[0]}
-    marians = {dtype: vaswani_to_marian(m) for dtype, m in models.items()}
-    systems: dict[str, Callable[[], list[str]]] = {}
-    for dtype, short in (("float32", "fp32"), ("bfloat16", "bf16")):
-        m, marian = models[dtype], marians[dtype]
-        systems[f"vaswani translate, {short}"] = lambda m=m: translate(
-            m, tokenizer, sources, max_tokens=args.max_tokens, **hf_decoding)
-        if short == "fp32":
-            for budget in (int(v) for v in args.sweep.split(",") if v):
-                systems[f"vaswani translate, fp32, max_tokens {budget}"] = lambda m=m, b=budget: translate(
-                    m, tokenizer, sources, max_tokens=b, **hf_decoding)
-        systems[f"vaswani translate, {short}, paper decoding (GNMT)"] = lambda m=m: translate(
-            m, tokenizer, sources, max_tokens=args.max_tokens, **{**hf_decoding, "length_penalty_type": "gnmt"})
-        systems[f"MarianMTModel.generate, {short}, same sorted batches"] = lambda marian=marian: _marian_translate(
-            marian, tokenizer, sources, sorted_batches)
-        systems[f"MarianMTModel.generate, {short}, 32 sentences in file order"] = (
-            lambda marian=marian: _marian_translate(marian, tokenizer, sources, file_order_batches))
+    skip = [name.strip() for name in args.skip.split(",") if name.strip()]
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            import ctranslate2  # noqa: F401
-
-            for compute_type, short in (("float32", "fp32"), ("bfloat16", "bf16")):
-                try:
-                    translator = _ctranslate2_model(args.model, Path(tmp), compute_type, args.threads)
-                except ValueError as err:  # e.g. no bf16 kernels for this CPU in CTranslate2's build
-                    print(f"CTranslate2 {short}: {err}", file=sys.stderr)
-                    continue
-                systems[f"CTranslate2, {short}"] = lambda t=translator: _ct2_translate(
-                    t, tokenizer, sources, args.max_tokens)
-        except ImportError:
-            print("ctranslate2 is not installed: skipping it (pip install ctranslate2)", file=sys.stderr)
-        skip = {name.strip() for name in args.skip.split(",") if name.strip()}
-        rows = []
-        print(f"{len(sources)} sentences, beam {BEAM}, {args.threads} threads, {args.model}\n")
-        print("| system | sentences/s | tokens/s | BLEU | seconds |\n|---|---|---|---|---|")
+        systems = {name: run for name, run in _systems(args, sources, Path(tmp)).items()
+                   if not any(fragment in name for fragment in skip)}
+        outputs, seconds = {}, {name: [] for name in systems}
         for name, run in systems.items():
-            if any(s in name for s in skip):
-                continue
-            run() if name.startswith("CTranslate2") else None  # CTranslate2 loads lazily: warm it up
-            hypotheses, seconds = _timed(run)
-            generated = sum(len(ids) for ids in tokenizer(hypotheses)["input_ids"])  # </s> included
-            rows.append({"system": name, "sentences_per_s": len(sources) / seconds,
-                         "tokens_per_s": generated / seconds, "bleu": bleu(hypotheses, references),
-                         "seconds": seconds})
-            row = rows[-1]
-            print(f"| {name} | {row['sentences_per_s']:.1f} | {row['tokens_per_s']:.0f} | {row['bleu']:.2f} | "
-                  f"{seconds:.1f} |", flush=True)
+            outputs[name] = run()  # warm-up (CTranslate2 loads lazily), and the translations scored
+        for _ in range(args.repeats):
+            for name, run in systems.items():
+                seconds[name].append(_timed(run)[1])
+    baseline = statistics.median(seconds["CTranslate2, fp32"]) if "CTranslate2, fp32" in seconds else None
+    reference = outputs.get("vaswani translate, fp32")
+    print(f"Date {datetime.date.today()}, {cpu_description()}; torch {torch.__version__}, {_ct2_version()}; "
+          f"{args.threads} threads; {len(sources)} sentences, beam {BEAM}, max_tokens {args.max_tokens}, "
+          f"median of {args.repeats}; {args.model}\n")
+    print("| system | sentences/s | × CTranslate2 fp32 | BLEU | lines identical to vaswani fp32 |")
+    print("|---|---:|---:|---:|---:|")
+    rows = []
+    for name, hypotheses in outputs.items():
+        median = statistics.median(seconds[name])
+        same = None if reference is None else sum(a == b for a, b in zip(hypotheses, reference)) / len(sources)
+        rows.append({"system": name, "sentences_per_s": len(sources) / median, "seconds": seconds[name],
+                     "vs_ctranslate2_fp32": None if baseline is None else baseline / median,
+                     "bleu": bleu(hypotheses, references), "identical_to_vaswani_fp32": same})
+        row = rows[-1]
+        ratio = "" if baseline is None else f"{row['vs_ctranslate2_fp32']:.2f}x"
+        print(f"| {name} | {row['sentences_per_s']:.1f} | {ratio} | {row['bleu']:.2f} | "
+              f"{'' if same is None else f'{same:.1%}'} |", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"cpu": cpu_description(), "threads": args.threads, "rows": rows},
+                                              indent=2))
 
 
+def _ct2_version() -> str:
+    try:
+        import ctranslate2
+    except ImportError:
+        return "no CTranslate2"
+    return f"CTranslate2 {ctranslate2.__version__}"
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -257,20 +257,26 @@ class IncrementalDecoder:
 
     def next_token_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (fp32, ``[sentences · beams, vocab]``) of the token after ``tokens`` (one per hypothesis),
-        which sit at position ``self.step``."""
+        which sit at position ``self.step``.
+
+        At the first position all beams of a sentence hold the same prefix (the start token): it is computed
+        once per sentence and shared (CTranslate2 does the same on CPUs), its keys and values written to every
+        beam slot."""
         decoder = self.decoder
-        hidden = decoder.embed(decoder.embed_tokens(tokens[:, None]), self.step)  # [hypotheses, 1, d_model]
-        hidden = hidden.view(self.sentences, self.beams, -1)
+        queries = 1 if self.step == 0 else self.beams
+        tokens = tokens.view(self.sentences, self.beams)[:, :queries].reshape(-1, 1)
+        hidden = decoder.embed(decoder.embed_tokens(tokens), self.step).view(self.sentences, queries, -1)
         self.ancestry[:, :, self.step] = self.slots
-        self_mask = self._self_attention_mask()
+        self_mask = self._self_attention_mask()[:, :, :queries]
+        cross_mask = None if self.cross_mask is None else self.cross_mask[:, :, :queries]
         for layer in decoder.layers:
-            hidden = layer(hidden, self_mask, self.encoder_states, self.cross_mask, cache=self.cache)
+            hidden = layer(hidden, self_mask, self.encoder_states, cross_mask, cache=self.cache)
         hidden = decoder.final_norm(hidden)
         self.step += 1
-        return self.lm_head(hidden).flatten(0, 1).float()
+        return self.lm_head(hidden).float().expand(-1, self.beams, -1).flatten(0, 1)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new position's keys and values (``[sentences, heads, beams, d_k]``) into layer
+        """Write the new position's keys and values (``[sentences, heads, beams or 1, d_k]``) into layer
         ``layer_idx``'s buffers; return those of all positions so far, ``[sentences, heads, (step + 1) · beams,
         d_k]`` (a cache's ``update``, called by the layer's masked self-attention)."""
         if layer_idx == len(self.self_cache):
