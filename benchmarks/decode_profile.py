@@ -1,15 +1,12 @@
-"""Where beam search's time goes: per decoder step, by kind of work, at each thread count.
+"""Where beam search's time goes, by part of the model and of the search, at each thread count.
 
 Translates the first ``--limit`` test sentences with ``vaswani translate``'s batching (beam 4, transformers'
-length penalty, as ``translate_bench`` does) and splits the time of one pass into:
-
-* the output layer (the matrix product with a vocabulary-sized side: ``[hypotheses, d_model] × [d_model, V]``),
-* log-softmax and top-k over the vocabulary,
-* the other matrix products and attention (encoder and decoder layers),
-* cache and beam bookkeeping (indexing, copies, gathers, masks, comparisons),
-* layer norm, and the other operators,
-* Python and dispatch: the wall time of an unprofiled pass minus the operators' self time under the profiler
-  (an estimate: the profiler's own cost per operator is counted as operator time).
+length penalty, as ``translate_bench`` does) and times each part with a wall clock around its call (CPU
+operators run synchronously, so a part's time is its operators' time plus its own Python): the encoder, the
+decoder's start (encoder-decoder keys and values), per decoder layer its masked self-attention (projections,
+cache write, attention, W^O), encoder-decoder attention, feed-forward and Add & Norm, the output layer,
+log-softmax, the beam-search step (top-k, finished hypotheses), the cache bookkeeping when beams are re-ranked
+and sentences leave, and the rest (``generate()``'s set-up, tokenizer, batching, the loop itself).
 
     python benchmarks/decode_profile.py outputs/multi30k-en-de [--threads 1,2] [--limit 300] [--dtype float32]
 """
@@ -19,14 +16,13 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
-import statistics
 import sys
 import time
 
 import torch
 from multi30k_data import add_data_argument, require_files
-from torch.profiler import ProfilerActivity, profile
 
+from vaswani import decoding
 from vaswani.perf import cpu_description
 from vaswani.training.data import read_lines
 from vaswani.translate import load_translation_model, translate
@@ -34,56 +30,51 @@ from vaswani.translate import load_translation_model, translate
 #: The decoding translate_bench times (transformers' length penalty, as CTranslate2 has).
 DECODING = {"num_beams": 4, "length_penalty": 0.6, "length_penalty_type": "hf", "max_len_a": 1.0, "max_len_b": 50,
             "early_stopping": True}
-
-#: Operator name fragments → the kind of work; the first match wins, the rest is "other operators".
-KINDS = (
-    ("log-softmax and top-k", ("softmax", "topk", "sort")),
-    ("matrix products and attention", ("mm", "matmul", "linear", "attention", "bmm", "mkldnn", "onednn", "_int")),
-    ("cache and beam bookkeeping", ("index", "copy", "cat", "gather", "take_along", "select", "slice", "view",
-                                    "expand", "reshape", "flatten", "clone", "empty", "full", "fill", "zeros",
-                                    "arange", "eq", "where", "masked", "nonzero", "any", "all", "item", "stack",
-                                    "lt", "ge", "gt", "bitwise", "logical", "remainder", "div", "floor")),
-    ("layer norm", ("layer_norm",)),
-)
-OUTPUT_LAYER = "output layer (× vocabulary)"
-PYTHON = "Python and dispatch"
+REST = "rest (generate() set-up, tokenizer, batching, loop)"
 
 
-def kind_of(name: str, shapes: str, vocab: int) -> str:
-    low = name.lower()
-    if any(part in low for part in ("mm", "linear")) and f"{vocab}" in shapes:
-        return OUTPUT_LAYER
-    return next((kind for kind, parts in KINDS if any(part in low for part in parts)), "other operators")
+class PartTimer:
+    """Wall time spent in wrapped calls, by part."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+
+    def wrap(self, part: str, function):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[part] += time.perf_counter() - start
+
+        return timed
 
 
-def profiled_seconds(run, vocab: int) -> dict[str, float]:
-    """Operator self time (s) per kind over one pass of ``run``."""
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        run()
-    kinds: dict[str, float] = collections.defaultdict(float)
-    for event in prof.key_averages(group_by_input_shape=True):
-        kinds[kind_of(event.key, str(event.input_shapes), vocab)] += event.self_cpu_time_total / 1e6
-    return dict(kinds)
-
-
-def count_steps(model, run) -> int:
-    """Decoder steps (calls of the incremental decoder) in one pass of ``run``."""
-    from vaswani import decoding
-
-    calls = 0
-    original = decoding.IncrementalDecoder.next_token_logits
-
-    def counted(self, tokens):
-        nonlocal calls
-        calls += 1
-        return original(self, tokens)
-
-    decoding.IncrementalDecoder.next_token_logits = counted
-    try:
-        run()
-    finally:
-        decoding.IncrementalDecoder.next_token_logits = original
-    return calls
+def instrument(model, timer: PartTimer) -> list[str]:
+    """Wrap the model's parts and the search's functions; returns the parts in display order."""
+    decoder = decoding.IncrementalDecoder
+    decoder.__init__ = timer.wrap("decoder start (encoder-decoder keys and values)", decoder.__init__)
+    decoder.select = timer.wrap("cache bookkeeping (re-ranked beams, sentences leaving)", decoder.select)
+    decoding._beam_step = timer.wrap("beam-search step (top-k, finished hypotheses)", decoding._beam_step)
+    decoding._update_improvable = timer.wrap("beam-search step (top-k, finished hypotheses)",
+                                             decoding._update_improvable)
+    decoding._process = timer.wrap("beam-search step (top-k, finished hypotheses)", decoding._process)
+    decoding.F = type("F", (), {"log_softmax": staticmethod(timer.wrap("log-softmax", torch.log_softmax))})
+    encoder = model.model.encoder
+    encoder.forward = timer.wrap("encoder", encoder.forward)
+    for layer in model.model.decoder.layers:
+        for name, part in (("self_attn", "masked self-attention"), ("encoder_attn", "encoder-decoder attention"),
+                           ("feed_forward", "feed-forward")):
+            module = getattr(layer, name)
+            module.forward = timer.wrap(f"decoder {part}", module.forward)
+        for name in ("self_attn_add_norm", "encoder_attn_add_norm", "feed_forward_add_norm"):
+            module = getattr(layer, name)
+            module.forward = timer.wrap("decoder Add & Norm", module.forward)
+    model.lm_head.forward = timer.wrap("output layer (× vocabulary)", model.lm_head.forward)
+    return ["encoder", "decoder start (encoder-decoder keys and values)", "decoder masked self-attention",
+            "decoder encoder-decoder attention", "decoder feed-forward", "decoder Add & Norm",
+            "output layer (× vocabulary)", "log-softmax", "beam-search step (top-k, finished hypotheses)",
+            "cache bookkeeping (re-ranked beams, sentences leaving)"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,37 +86,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--max-tokens", type=int, default=512, help="source tokens per batch")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or int8")
-    parser.add_argument("--repeats", type=int, default=3, help="unprofiled passes timed (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="passes timed (median)")
     args = parser.parse_args(argv)
     args.source = args.source or str(args.data / "test_2016_flickr.en.gz")
     require_files(parser, args.source)
     sentences = list(read_lines(args.source))[: args.limit]
     model, tokenizer = load_translation_model(args.model, dtype=args.dtype)
-    vocab = model.config.vocab_size
-
-    def run() -> list[str]:
-        return translate(model, tokenizer, sentences, max_tokens=args.max_tokens, **DECODING)
-
-    steps = count_steps(model, run)
+    timer = PartTimer()
+    parts = [*instrument(model, timer), REST]
     print(f"Date {datetime.date.today()}, {cpu_description()}, torch {torch.__version__}; {args.model} "
-          f"({args.dtype}), {len(sentences)} sentences, beam 4, max_tokens {args.max_tokens}, {steps} decoder steps.\n")
-    kinds = [OUTPUT_LAYER] + [kind for kind, _ in KINDS] + ["other operators", PYTHON]
-    lines = ["| threads | sentences/s | ms / step | " + " | ".join(kinds) + " |",
-             "|---:|---:|---:|" + "---:|" * len(kinds)]
+          f"({args.dtype}, {type(model.lm_head).__name__}), {len(sentences)} sentences, beam 4, "
+          f"max_tokens {args.max_tokens}; median of {args.repeats} passes.\n")
+    lines = ["| part | " + " | ".join(f"{t} thread(s)" for t in args.threads.split(",")) + " |",
+             "|---|" + "---:|" * len(args.threads.split(","))]
+    columns = []
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
-        run()  # warm-up
-        walls = []
+        translate(model, tokenizer, sentences, **DECODING)  # warm-up
+        passes = []
         for _ in range(args.repeats):
+            timer.seconds.clear()
             start = time.perf_counter()
-            run()
-            walls.append(time.perf_counter() - start)
-        wall = statistics.median(walls)
-        seconds = profiled_seconds(run, vocab)
-        seconds[PYTHON] = max(wall - sum(seconds.values()), 0.0)
-        shares = " | ".join(f"{seconds.get(kind, 0.0) / wall:.0%}" for kind in kinds)
-        lines.append(f"| {threads} | {len(sentences) / wall:.1f} | {1000 * wall / steps:.2f} | {shares} |")
-        print(lines[-1], file=sys.stderr, flush=True)
+            translate(model, tokenizer, sentences, **DECODING)
+            wall = time.perf_counter() - start
+            seconds = dict(timer.seconds)  # the parts do not overlap
+            seconds[REST] = wall - sum(seconds.values())
+            passes.append((wall, seconds))
+        wall, seconds = sorted(passes, key=lambda p: p[0])[len(passes) // 2]
+        columns.append((threads, wall, seconds))
+        print(f"{threads} thread(s): {len(sentences) / wall:.1f} sentences/s", file=sys.stderr, flush=True)
+    for part in parts:
+        lines.append(f"| {part} | " + " | ".join(f"{seconds.get(part, 0.0) / wall:.0%}" for _, wall, seconds in columns)
+                     + " |")
+    lines.append("| **sentences/s** | " + " | ".join(f"**{len(sentences) / wall:.1f}**" for _, wall, _ in columns)
+                 + " |")
     print("\n".join(lines))
 
 

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.simplefilter("ignore", UserWarning)  # the eager switch is expected here
 
     if args.model.is_dir():
-        model, tokenizer = load_translation_model(args.model)
+        model, tokenizer = load_translation_model(args.model, fast_linears=False)
         origin, max_value = f"model folder {args.model}", 999_999
         sentence = args.sentence or DEMO_SENTENCE
     else:

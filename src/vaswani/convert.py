@@ -293,7 +293,7 @@ def load_vaswani_for_export(model_dir: str | Path) -> tuple[VaswaniForConditiona
     """The Vaswani model and tokenizer in ``model_dir``; any other model type is refused."""
     from .translate import load_translation_model
 
-    model, tokenizer = load_translation_model(str(model_dir))
+    model, tokenizer = load_translation_model(str(model_dir), fast_linears=False)
     if not isinstance(model, VaswaniForConditionalGeneration):
         raise ValueError(
             f"{model_dir} holds a {model.config.model_type!r} model, not a Vaswani one; export takes a folder "

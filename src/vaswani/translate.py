@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: Loaded in float32, then every linear layer in int8 (:mod:`vaswani.quantization`; CPU).
+#: Loaded in float32, then every linear layer in int8 (:mod:`vaswani.cpu_linears`; CPU).
 INT8 = "int8"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "source.spm", "vocab.json", "spiece.model")
 
@@ -108,10 +108,14 @@ def _unreachable(model_id: str, err: Exception) -> ModelNotFoundError:
 
 
 def load_translation_model(
-    model_id_or_path: str | os.PathLike[str], device: str = "cpu", dtype: str = "float32"
+    model_id_or_path: str | os.PathLike[str], device: str = "cpu", dtype: str = "float32", fast_linears: bool = True
 ) -> tuple[Any, Any]:
     """Load a seq2seq model and its tokenizer from a folder or Hub id, in eval mode on ``device``/``dtype``
     (one of :data:`DTYPES`, or ``"int8"``: float32 with int8 linear layers, on the CPU).
+
+    The model is for translating: with ``fast_linears`` a float32 model on the CPU gets its linear layers'
+    weights prepacked for oneDNN (:func:`vaswani.cpu_linears.pack_linear_layers`: the same function, faster at
+    decoding's few rows per step). Pass ``fast_linears=False`` for a model to train, save or convert.
 
     Vaswani folders load with the package's classes; other transformers seq2seq models (e.g. Marian) too; a
     folder's own code is never run. Raises :class:`ModelNotFoundError` naming the problem (no such folder, no
@@ -146,11 +150,14 @@ def load_translation_model(
         if source.exists():
             raise
         raise _unreachable(name, err) from err
-    if dtype == INT8:
-        from .quantization import quantize_linear_layers
+    model = model.to(device).eval()
+    from .cpu_linears import pack_linear_layers, quantize_linear_layers
 
+    if dtype == INT8:
         quantize_linear_layers(model)
-    return model.to(device).eval(), tokenizer
+    elif fast_linears:
+        pack_linear_layers(model)
+    return model, tokenizer
 
 
 def _one_line(text: str) -> str:

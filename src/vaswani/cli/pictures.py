@@ -40,7 +40,7 @@ def _run_attention(args: argparse.Namespace) -> None:
     )
 
     output = prepare_output_dir(args.output)  # fail before loading the model if it cannot be written
-    model, tokenizer = load_translation_model(args.model_dir)
+    model, tokenizer = load_translation_model(args.model_dir, fast_linears=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         capture = capture_attention(model, tokenizer, args.source, args.target_text)
@@ -107,7 +107,7 @@ def _run_align(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-value must be in 0 … {MAX_VALUE:,}, got {args.max_value}")
     if not 1 <= args.sentences <= args.max_value + 1:
         raise ValueError(f"--sentences must be in 1 … {args.max_value + 1:,} (distinct numbers), got {args.sentences}")
-    model, tokenizer = load_translation_model(args.model_dir)
+    model, tokenizer = load_translation_model(args.model_dir, fast_linears=False)
     numbers = random.Random(args.seed).sample(range(args.max_value + 1), args.sentences)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the report's notes say the same

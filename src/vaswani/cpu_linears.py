@@ -1,0 +1,120 @@
+"""Faster linear layers for decoding on the CPU: float32 weights prepacked for oneDNN, or int8 products.
+
+Speed machinery beside the paper's code: the model's modules are unchanged, and their ``nn.Linear`` s are swapped
+for one of these when a model is loaded for translation (:func:`vaswani.translate.load_translation_model`).
+
+* :class:`PackedLinear`: an ``nn.Linear`` whose float32 inference on the CPU uses a copy of the weight reordered
+  once into oneDNN's blocked layout. A plain ``F.linear`` lays the weight out for the kernel again on every call,
+  which costs most at decoding's few rows per step (tens of hypotheses against a vocabulary-sized output layer).
+  Same function, the sums taken in another order (differences around 1e-6); the model still trains and saves.
+* :class:`Int8Linear`: dynamic quantization, as CTranslate2's ``int8`` and torch's former ``quantize_dynamic``:
+  weights symmetric with one scale per output row, activations symmetric with one scale per input row from the
+  row's largest magnitude, the product in int32 (``torch._int_mm``), then the bias. torch 2.13 deprecates
+  ``torch.ao.quantization.quantize_dynamic`` (its quantized tensor types are to be removed), so this uses plain
+  int8 tensors. Rounding costs some accuracy: measure the BLEU cost on your own data
+  (``benchmarks/translate_bench.py`` does on Multi30k).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+
+import torch
+from torch import nn
+
+#: The largest magnitude of a symmetric int8 value (-128 is left out so that negation stays in range).
+INT8_MAX = 127.0
+
+
+@cache
+def can_prepack() -> bool:
+    """Whether this torch has oneDNN's prepacked float32 linear (x86 and ARM builds with mkldnn) and it runs."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    try:
+        with torch.no_grad():
+            PackedLinear.from_linear(nn.Linear(8, 4))(torch.zeros(2, 8))
+    except (RuntimeError, AttributeError):
+        return False
+    return True
+
+
+class PackedLinear(nn.Linear):
+    """An ``nn.Linear`` (the same parameters: saved, tied and trained as before) that, when no gradient is
+    wanted, multiplies float32 CPU inputs with a copy of its weight prepacked for oneDNN. The copy is made on
+    first use and again whenever the weight has changed (an optimizer step, ``load_state_dict``, ``to()``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)) or not (
+            x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
+        ):
+            return super().forward(x)
+        key = (weight.data_ptr(), weight._version)
+        if getattr(self, "_packed_key", None) != key:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+            self._packed_key = key
+        bias = None if self.bias is None else self.bias.detach()
+        rows = x.reshape(-1, self.in_features)
+        y = torch.ops.mkldnn._linear_pointwise(rows, self._packed, bias, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> PackedLinear:
+        """A ``PackedLinear`` holding ``linear``'s own parameter objects (so weight tying is kept)."""
+        packed = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        packed.weight, packed.bias = linear.weight, linear.bias
+        return packed
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (2-D, float) as int8 with one scale per row: ``x ≈ scale · q``; returns ``(q, scale [rows, 1])``."""
+    scale = x.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / INT8_MAX
+    return torch.round(x / scale).to(torch.int8), scale
+
+
+class Int8Linear(nn.Module):
+    """An ``nn.Linear`` for inference with int8 weights (per output row) and int8 activations (per input row)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight, scale = quantize_rows(linear.weight.detach().float())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight_t", weight.t().contiguous())  # [in, out]: _int_mm's right operand
+        self.register_buffer("weight_scale", scale.view(1, -1))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        q, scale = quantize_rows(rows)
+        y = torch._int_mm(q, self.weight_t).float() * (scale * self.weight_scale)
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> nn.Module:
+    """Every ``nn.Linear`` in ``model`` (the tied output layer included) replaced by ``make(linear)``, in place.
+    Returns ``model``."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, make(child))
+    return model
+
+
+def pack_linear_layers(model: nn.Module) -> nn.Module:
+    """``model`` with every linear layer a :class:`PackedLinear` (in place; unchanged where :func:`can_prepack`
+    is False). It saves, converts and trains as before; inference in float32 on the CPU gets faster. Returns
+    ``model``."""
+    return _replace_linears(model, PackedLinear.from_linear) if can_prepack() else model
+
+
+def quantize_linear_layers(model: nn.Module) -> nn.Module:
+    """Every linear layer of ``model`` an :class:`Int8Linear`, and ``model`` in eval mode (CPU; for decoding
+    only: it no longer trains or saves). Returns ``model``."""
+    return _replace_linears(model.eval(), Int8Linear)
