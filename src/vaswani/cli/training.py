@@ -122,6 +122,21 @@ class TrainOptions:
         metadata={"help": "stop after N validations without improving --metric-for-best-model (bleu unless given) "
                   "and keep the best checkpoint (default: no early stopping)"},
     )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "stream the training corpus instead of loading it, for corpora larger than memory: each "
+                  "process reads its own share and sorts --buffer-pairs pairs at a time into token batches (needs "
+                  "--max-steps)"},
+    )
+    buffer_pairs: int = field(
+        default=100_000, metadata={"help": "with --streaming: pairs sorted by length together (fairseq's and "
+                                   "Marian's maxi-batch); memory grows with it, padding shrinks"}
+    )
+    reset_dataloader: bool = field(
+        default=False,
+        metadata={"help": "with --resume: keep the model, optimizer and step but read the corpus from its beginning "
+                  "(the way to resume on a changed corpus)"},
+    )
     resume: bool = field(default=False, metadata={"help": "continue the run in --output from its last checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "replace what --output holds"})
     config: str | None = field(
@@ -294,6 +309,9 @@ def _run_train(cli_args: argparse.Namespace) -> None:
         patience=options.patience,
         resume=options.resume,
         overwrite=options.overwrite,
+        streaming=options.streaming,
+        buffer_pairs=options.buffer_pairs,
+        reset_dataloader=options.reset_dataloader,
     )
     result = train(settings)
     if result is not None:

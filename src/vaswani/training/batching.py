@@ -55,6 +55,23 @@ def pack_by_tokens(order: np.ndarray, cost_lengths: np.ndarray, max_tokens: int)
     return batches
 
 
+def sort_and_pack(
+    tie_order: np.ndarray,
+    source_lengths: np.ndarray,
+    target_lengths: np.ndarray,
+    max_tokens: int,
+    max_sentences: int | None = None,
+) -> list[list[int]]:
+    """Sort pairs by (max length, source length, target length), keeping ``tie_order`` among equals, and pack
+    them into batches of at most ``max_tokens`` (and ``max_sentences`` rows, if given)."""
+    cost_lengths = np.maximum(source_lengths, target_lengths)
+    order = tie_order[np.lexsort((target_lengths[tie_order], source_lengths[tie_order], cost_lengths[tie_order]))]
+    batches = pack_by_tokens(order, cost_lengths, max_tokens)
+    if max_sentences is not None:
+        batches = [b[i : i + max_sentences] for b in batches for i in range(0, len(b), max_sentences)]
+    return batches
+
+
 class TokenBatchSampler(Sampler[list[int]]):
     """Batches of sentence-pair indices with at most ``max_tokens`` tokens each (see the module docstring).
 
@@ -117,13 +134,7 @@ class TokenBatchSampler(Sampler[list[int]]):
         self.epoch = int(epoch)
 
     def _pack(self, tie_order: np.ndarray) -> list[list[int]]:
-        # Stable sort by (cost, source, target) keeping the tie order given.
-        keys = (self.target_lengths[tie_order], self.source_lengths[tie_order], self.cost_lengths[tie_order])
-        order = tie_order[np.lexsort(keys)]
-        batches = pack_by_tokens(order, self.cost_lengths, self.max_tokens)
-        if self.max_sentences is not None:
-            batches = [b[i : i + self.max_sentences] for b in batches for i in range(0, len(b), self.max_sentences)]
-        return batches
+        return sort_and_pack(tie_order, self.source_lengths, self.target_lengths, self.max_tokens, self.max_sentences)
 
     def global_batches(self, epoch: int | None = None) -> list[list[int]]:
         """All batches of an epoch in order, before the split across processes."""
@@ -247,5 +258,6 @@ __all__ = [
     "build_dataloader",
     "pack_by_tokens",
     "random_token_batches",
+    "sort_and_pack",
     "token_batch_sampler_for",
 ]

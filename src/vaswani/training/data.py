@@ -21,7 +21,7 @@ import hashlib
 import itertools
 import os
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -152,9 +152,12 @@ def read_lines(path: str | os.PathLike[str]) -> Iterator[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {str(path)!r} does not exist")
+    lines = 0
     try:
         with _open_binary(path) as handle:
-            yield from decode_lines(handle, str(path))
+            for line in decode_lines(handle, str(path)):
+                lines += 1  # for the error below: where the damage is
+                yield line
     except gzip.BadGzipFile:
         raise ValueError(
             f"{path} is not gzip-compressed although its name ends in .gz; rename it without .gz "
@@ -162,7 +165,8 @@ def read_lines(path: str | os.PathLike[str]) -> Iterator[str]:
         ) from None
     except (EOFError, zlib.error) as err:
         raise ValueError(
-            f"{path} is truncated or damaged ({err}); copy or download it again (`gzip -t {path}` checks it)"
+            f"{path} is truncated or damaged after line {lines:,} ({err}); copy or download it again "
+            f"(`gzip -t {path}` checks it)"
         ) from None
 
 
@@ -304,6 +308,51 @@ def translation_languages(feature: Any) -> list[str] | None:
     return list(feature.keys()) if hasattr(feature, "keys") else None
 
 
+def pair_projection(
+    columns: list[str],
+    features: Any,
+    source_lang: str | None = None,
+    target_lang: str | None = None,
+    source_column: str | None = None,
+    target_column: str | None = None,
+) -> Callable[[dict[str, list]], dict[str, list]]:
+    """The batched ``map`` function that turns a dataset's rows into ``source``/``target`` pairs: two text columns,
+    or two languages of a ``translation`` column (the Hub's WMT/OPUS layout). What the dataset lacks is an error
+    naming what it has; a streamed dataset whose features are not known yet is checked on its rows."""
+    if source_column is not None or target_column is not None:
+        if source_column is None or target_column is None:
+            raise ValueError("give both source_column and target_column")
+        for col in (source_column, target_column):
+            if col not in columns:
+                raise ValueError(f"the dataset has no column {col!r}; its columns are {columns}")
+
+        def project(batch: dict[str, list]) -> dict[str, list]:
+            return {"source": batch[source_column], "target": batch[target_column]}
+
+        return project
+    if "translation" not in columns:
+        raise ValueError(
+            f"the dataset has no 'translation' column; give source_column and target_column (columns: {columns})"
+        )
+    if source_lang is None or target_lang is None:
+        raise ValueError("the dataset has a 'translation' column: give source_lang and target_lang (e.g. 'en', 'de')")
+    langs = translation_languages(features["translation"]) if features else None
+    for lang in (source_lang, target_lang):
+        if langs is not None and lang not in langs:
+            raise ValueError(f"language {lang!r} is not in the translation column; it has {langs}")
+
+    def side(pair: dict[str, str], lang: str) -> str:
+        if lang not in pair:
+            raise ValueError(f"language {lang!r} is not in the translation column; it has {sorted(pair)}")
+        return pair[lang]
+
+    def project_translation(batch: dict[str, list]) -> dict[str, list]:
+        pairs = batch["translation"]
+        return {"source": [side(p, source_lang) for p in pairs], "target": [side(p, target_lang) for p in pairs]}
+
+    return project_translation
+
+
 def pairs_from_dataset(
     dataset,
     *,
@@ -321,35 +370,9 @@ def pairs_from_dataset(
     """
     _check_policy(empty_lines, EMPTY_LINE_POLICIES, "empty_lines")
     columns = dataset.column_names
-    if source_column is not None or target_column is not None:
-        if source_column is None or target_column is None:
-            raise ValueError("give both source_column and target_column")
-        for col in (source_column, target_column):
-            if col not in columns:
-                raise ValueError(f"the dataset has no column {col!r}; its columns are {columns}")
-
-        def project(batch: dict[str, list]) -> dict[str, list]:
-            return {"source": batch[source_column], "target": batch[target_column]}
-
-    elif "translation" in columns:
-        if source_lang is None or target_lang is None:
-            raise ValueError(
-                "the dataset has a 'translation' column: give source_lang and target_lang (e.g. 'en', 'de')"
-            )
-        langs = translation_languages(dataset.features["translation"])
-        for lang in (source_lang, target_lang):
-            if langs is not None and lang not in langs:
-                raise ValueError(f"language {lang!r} is not in the translation column; it has {langs}")
-
-        def project(batch: dict[str, list]) -> dict[str, list]:
-            pairs = batch["translation"]
-            return {"source": [p[source_lang] for p in pairs], "target": [p[target_lang] for p in pairs]}
-
-    else:
-        raise ValueError(
-            f"the dataset has no 'translation' column; give source_column and target_column (columns: {columns})"
-        )
-
+    project = pair_projection(
+        columns, dataset.features, source_lang, target_lang, source_column, target_column
+    )
     name = getattr(dataset, "info", None) and dataset.info.dataset_name or "dataset"
     report = LoadReport(
         source=f"{name}[{source_lang or source_column}]",
@@ -518,18 +541,28 @@ def train_tokenizer_from_corpus(
     max_pairs: int | None = None,
     output_dir: str | os.PathLike[str] | None = None,
     show_progress: bool = True,
+    streaming: bool = False,
     **load_kwargs: Any,
 ):
     """Train the shared BPE tokenizer jointly on the source and target sides of a corpus (§5.1).
 
     The corpus is given as for :func:`load_parallel_corpus`; ``max_pairs`` learns the vocabulary from the
     first that many pairs only (as sentencepiece's ``input_sentence_size``: a sample is enough for a large
-    corpus, and BPE training time grows with the distinct words). Returns ``(tokenizer, load_report)``.
+    corpus, and BPE training time grows with the distinct words). With ``streaming`` the sentences are read
+    as the trainer consumes them, never all in memory. Returns ``(tokenizer, load_report)``; the report is None
+    when streaming (nothing is counted ahead).
     """
     from ..tokenization import train_tokenizer
 
     if max_pairs is not None and max_pairs < 1:
         raise ValueError(f"max_pairs must be at least 1 (or None for all pairs), got {max_pairs}")
+    if streaming:
+        from .streaming import stream_corpus
+
+        rows = stream_corpus({"source": source, "target": target, "dataset": dataset, **load_kwargs})
+        texts = (text for row in itertools.islice(rows, max_pairs) for text in (row["source"], row["target"]))
+        settings = {"vocab_size": vocab_size, "min_frequency": min_frequency, "show_progress": show_progress}
+        return train_tokenizer(texts, output_dir=output_dir, **settings), None
     pairs, report = load_parallel_corpus(source, target, dataset=dataset, **load_kwargs)
     if max_pairs is not None and max_pairs < len(pairs):
         pairs = pairs.select(range(max_pairs))

@@ -40,6 +40,14 @@ from .data import load_parallel_corpus, tokenize_corpus, train_tokenizer_from_co
 from .finetune import check_tokenizer_matches, fine_tuning_config, load_source_model, load_source_tokenizer
 from .metrics import make_compute_metrics
 from .schedule import SCHEDULES
+from .streaming import (
+    DEFAULT_BUFFER_PAIRS,
+    TokenBatchStream,
+    check_stream_workers,
+    corpus_identity,
+    resume_position,
+    stream_corpus,
+)
 from .trainer import (
     TimeBudget,
     VaswaniTrainer,
@@ -98,6 +106,10 @@ class TrainSettings:
     logging, the learning rate, warm-up and ε_ls as ``label_smoothing_factor``; :func:`recipe_arguments`
     gives the recipe's) and what the recipe adds: corpora, model, tokenizer, token batches, averaging.
 
+    ``streaming`` reads the training corpus as a stream (:mod:`vaswani.training.streaming`) through sort buffers of
+    ``buffer_pairs`` pairs, for corpora larger than memory; it needs ``max_steps``. ``reset_dataloader`` resumes
+    the model and optimizer but reads the corpus from its beginning (the way to resume on a changed corpus).
+
     ``init_from`` fine-tunes a Vaswani or Marian checkpoint (:mod:`vaswani.training.finetune`); ``preset``
     None is ``base`` from scratch and the checkpoint's shape with ``init_from``. ``lr_schedule``: ``noam``
     (§5.3, ``learning_rate`` its factor), or ``inverse_sqrt``/``constant`` at ``learning_rate`` for
@@ -125,6 +137,9 @@ class TrainSettings:
     patience: int | None = None
     resume: bool = False
     overwrite: bool = False
+    streaming: bool = False
+    buffer_pairs: int = DEFAULT_BUFFER_PAIRS
+    reset_dataloader: bool = False
 
     @property
     def output_dir(self) -> Path:
@@ -194,7 +209,11 @@ def write_run_file(settings: TrainSettings, run_id: str, result: TrainResult | N
     """``vaswani_run.json``: the run's id and settings from the start (it marks the folder as a run), and its
     result once finished."""
     recipe = {f.name: getattr(settings, f.name) for f in fields(settings) if f.name != "args"}
-    record: dict[str, Any] = {"run_id": run_id, "settings": {**settings.args.to_dict(), **recipe}}
+    record: dict[str, Any] = {
+        "run_id": run_id,
+        "corpus": corpus_identity(settings.train_corpus),
+        "settings": {**settings.args.to_dict(), **recipe},
+    }
     if result is not None:
         record["result"] = asdict(result)
     (settings.output_dir / RUN_FILE).write_text(json.dumps(record, indent=2, default=str))
@@ -285,6 +304,7 @@ def get_tokenizer(settings: TrainSettings) -> Any:
             vocab_size=settings.vocab_size,
             max_pairs=settings.tokenizer_pairs,
             show_progress=not settings.args.disable_tqdm,
+            streaming=settings.streaming,
         )
     tokenizer.save_pretrained(settings.output_dir)
     return tokenizer
@@ -319,6 +339,55 @@ def check_schedule(settings: TrainSettings) -> None:
         )
 
 
+def check_streaming(settings: TrainSettings) -> None:
+    """Refuse a streaming run that cannot be counted or read, before anything is written."""
+    if not settings.streaming:
+        return
+    if settings.args.max_steps <= 0:
+        raise ValueError("--streaming trains for --max-steps updates (a stream has no length to count epochs in); "
+                         "give --max-steps")
+    if settings.buffer_pairs < 1:
+        raise ValueError(f"--buffer-pairs must be at least 1, got {settings.buffer_pairs}")
+    check_stream_workers(settings.args.dataloader_num_workers)
+
+
+def check_same_corpus(settings: TrainSettings) -> None:
+    """``--resume`` reads on where the run stopped in its corpus; in another corpus that place means nothing, so a
+    changed corpus is refused unless ``reset_dataloader`` restarts the data explicitly."""
+    if not settings.resume or settings.reset_dataloader:
+        return
+    recorded = _read_run_file(settings.output_dir).get("corpus")
+    if recorded is not None and recorded != corpus_identity(settings.train_corpus):
+        raise ValueError(
+            f"--resume: the training corpus is not the one {settings.output_dir} started on (another file, dataset, "
+            "size or modification time), so the run's place in it means nothing. Resume with the run's corpus, or "
+            "pass --reset-dataloader to keep the model and optimizer and read the new corpus from its beginning."
+        )
+
+
+def training_stream(
+    settings: TrainSettings, tokenizer: Any, collator: Any, state: PartialState, resume_from: Path | None
+) -> TokenBatchStream:
+    """This process's stream of token batches (:mod:`vaswani.training.streaming`), from the checkpoint's place in
+    the corpus when resuming."""
+    start = None
+    if resume_from is not None and not settings.reset_dataloader:
+        start = resume_position(resume_from, state.process_index, state.num_processes)
+    corpus = settings.train_corpus
+    return TokenBatchStream(
+        stream_corpus(corpus, rank=state.process_index, world_size=state.num_processes),
+        tokenizer,
+        settings.max_tokens,
+        collate_fn=collator,
+        buffer_pairs=settings.buffer_pairs,
+        max_length=settings.max_length,
+        empty_lines=corpus.get("empty_lines", "drop"),
+        seed=settings.args.seed,
+        start=start,
+        name=str(corpus.get("dataset") or corpus.get("source")),
+    )
+
+
 #: A rate at or above this is the paper's schedule factor mistaken for a fine-tuning rate (Adam diverges).
 MAX_FINE_TUNING_RATE = 1e-2
 
@@ -347,6 +416,8 @@ def run_arguments(settings: TrainSettings, has_eval: bool) -> Seq2SeqTrainingArg
     that ``update_tokens`` asks for, and with ``patience`` the best checkpoint on ``metric_for_best_model``
     (validation BLEU unless chosen) kept and loaded at the end."""
     args, changes = settings.args, {}
+    if settings.streaming or settings.reset_dataloader:  # the stream resumes itself; a reset starts the data again
+        changes["ignore_data_skip"] = True
     if not has_eval and args.eval_strategy != "no":
         changes["eval_strategy"] = "no"
     if settings.update_tokens:
@@ -375,7 +446,7 @@ class TrainResult:
 
     output_dir: str
     steps: int
-    train_pairs: int
+    train_pairs: int | None  # None for a streamed corpus (never counted)
     parameters: int
     train_seconds: float
     target_tokens_per_second: float
@@ -399,6 +470,7 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
     the process gets :func:`vaswani.perf.tune_cpu_training` (allocator settings, denormals flushed to zero)."""
     started = time.monotonic()  # the time budget (``max_minutes``) counts from here
     check_schedule(settings)
+    check_streaming(settings)
     args = run_arguments(settings, settings.valid_corpus is not None)
     state = PartialState(cpu=settings.args.use_cpu)  # as the Trainer will: else CPU processes do not see each other
     if (finished := finished_result(settings)) is not None:
@@ -413,6 +485,7 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
     run_id = (settings.resume and _read_run_file(settings.output_dir).get("run_id")) or uuid.uuid4().hex
     with state.main_process_first():  # one process prepares the folder and the tokenizer, the others load it
         if state.is_main_process:
+            check_same_corpus(settings)
             prepare_output_dir(settings)
             write_run_file(settings, run_id)
             tokenizer = start_tokenizer or get_tokenizer(settings)
@@ -422,14 +495,14 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
             tokenizer = start_tokenizer or load_tokenizer(settings.output_dir)
     config = start_model.config if start_model is not None else build_config(settings, tokenizer)
     with state.local_main_process_first():  # one process per machine reads and tokenizes; the others load its cache
-        train_set, _, train_report = tokenized_split(settings.train_corpus, tokenizer, settings)
+        train_set = None
+        if not settings.streaming:
+            train_set, _, train_report = tokenized_split(settings.train_corpus, tokenizer, settings)
+            print(f"training pairs: {train_report.pairs_out} ({train_report.overlong_dropped} over "
+                  f"{settings.max_length} tokens dropped)")
         valid_set = None
         if settings.valid_corpus is not None:
             valid_set, _, _ = tokenized_split(settings.valid_corpus, tokenizer, settings, settings.eval_max_sentences)
-    print(
-        f"training pairs: {train_report.pairs_out} ({train_report.overlong_dropped} over {settings.max_length} "
-        "tokens dropped)"
-    )
 
     resume_from = last_complete_checkpoint(settings.output_dir) if settings.resume else None
     if resume_from is not None:
@@ -448,12 +521,17 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
         callbacks = [*callbacks, TimeBudget(settings.max_minutes, fit_cooldown, started)]
     if settings.patience:
         callbacks = [*callbacks, EarlyStoppingCallback(early_stopping_patience=settings.patience)]
+    collator = seq2seq_collator(tokenizer, model)
+    if settings.streaming:
+        train_set = training_stream(settings, tokenizer, collator, state, resume_from)
+        print(f"streaming {train_set.name} in sort buffers of {settings.buffer_pairs:,} pairs on each of "
+              f"{state.num_processes} processes")
     trainer = VaswaniTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=valid_set,
-        data_collator=seq2seq_collator(tokenizer, model),
+        data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=make_compute_metrics(tokenizer, tokenizer.pad_token_id),
         callbacks=callbacks,
@@ -475,6 +553,8 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
             f"The training loss became NaN/inf at step {bad_step}; stopped without saving that state: "
             f"{resume_hint(settings.output_dir)}, with a lower --learning-rate or a longer --warmup-steps."
         )
+    tokens = trainer.target_tokens if trainer.target_tokens is not None else torch.zeros((), dtype=torch.long)
+    target_tokens = int(trainer.accelerator.reduce(tokens.to(trainer.args.device), "sum"))  # all processes' tokens
     if not trainer.is_world_process_zero():
         return None
 
@@ -498,17 +578,15 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
         tokenizer.save_pretrained(settings.output_dir)
 
     eval_metrics = trainer.evaluate() if valid_set is not None else {}
-    train_tokens = sum(len(x) for x in train_set["labels"])
     seconds = train_metrics.get("train_runtime", 0.0)
-    epochs_done = train_metrics.get("epoch", trainer.state.epoch or 0.0)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     result = TrainResult(
         output_dir=str(settings.output_dir),
         steps=trainer.state.global_step,
-        train_pairs=len(train_set),
+        train_pairs=None if settings.streaming else len(train_set),
         parameters=model.num_parameters(),
         train_seconds=seconds,
-        target_tokens_per_second=train_tokens * epochs_done / seconds if seconds else math.nan,
+        target_tokens_per_second=target_tokens / seconds if seconds else math.nan,
         final_loss=losses[-1] if losses else None,
         eval_metrics={k: float(v) for k, v in eval_metrics.items() if isinstance(v, (int, float))},
         averaged_checkpoints=averaged,

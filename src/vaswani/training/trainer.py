@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, TrainerCallback
@@ -31,6 +32,7 @@ from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, TrainerCallback
 from ..configuration import RETIRED_KEYS, WRITTEN_BY_TRANSFORMERS
 from .batching import token_batch_sampler_for
 from .schedule import SCHEDULES, ScheduleLambda, get_schedule, noam_peak, paper_adam
+from .streaming import TokenBatchStream, check_stream_workers, write_stream_state
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -74,12 +76,42 @@ class VaswaniTrainer(Seq2SeqTrainer):
         self.max_tokens = max_tokens
         self.lr_schedule = lr_schedule
         self.cooldown_steps = cooldown_steps
+        #: Target tokens trained on by this process in this ``train()`` call, and the stream position of its last
+        #: trained batch (streaming runs only).
+        self.target_tokens: torch.Tensor | None = None
+        self.stream_position: dict[str, Any] | None = None
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint; in a streaming run first every process's place in the stream (written before
+        ``trainer_state.json``, so a checkpoint that counts as complete has it)."""
+        if isinstance(self.train_dataset, TokenBatchStream):
+            positions = gather_object([self.stream_position])
+            if self.args.should_save:
+                folder = Path(self._get_output_dir(trial)) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+                write_stream_state(folder, positions)
+        super()._save_checkpoint(model, trial)
 
     def get_train_dataloader(self) -> DataLoader:
         """Batches of similar-length pairs with at most ``max_tokens`` tokens, shuffled per epoch with the
-        run's seed; ``accelerate`` hands distinct batches to each process."""
+        run's seed; ``accelerate`` hands distinct batches to each process.
+
+        A :class:`~vaswani.training.streaming.TokenBatchStream` makes its batches itself, from this process's
+        share of the corpus, so its loader is not given to ``accelerate``: by default accelerate would read an
+        iterable dataset on the main process only and split each batch across the processes
+        (``dispatch_batches``), which a corpus read on every process does not need."""
         if self.train_dataset is None:
             raise ValueError("VaswaniTrainer needs a train_dataset.")
+        if isinstance(self.train_dataset, TokenBatchStream):
+            check_stream_workers(self.args.dataloader_num_workers)
+            return DataLoader(
+                self.train_dataset,
+                batch_size=None,
+                num_workers=self.args.dataloader_num_workers,
+                pin_memory=self.args.dataloader_pin_memory,
+                # its own generator: starting the loader then draws nothing from torch's, so dropout after a resume
+                # (which restores torch's generator and then starts the loader) draws what the unbroken run drew
+                generator=torch.Generator(),
+            )
         sampler = token_batch_sampler_for(self.train_dataset, self.max_tokens, seed=self.args.seed)
         loader = DataLoader(
             self.train_dataset,
@@ -104,6 +136,11 @@ class VaswaniTrainer(Seq2SeqTrainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        if "stream_position" in inputs:  # a streamed batch: where the stream is once it is trained on
+            inputs = dict(inputs)
+            self.stream_position = inputs.pop("stream_position")
+        tokens = inputs["labels"].ne(-100).sum()  # counted where the labels are: no wait for a device
+        self.target_tokens = tokens if self.target_tokens is None else self.target_tokens + tokens
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.nonfinite.report(loss, self.state.global_step + 1)
         return loss
