@@ -289,3 +289,47 @@ def test_lengths_of_buffered_rows_are_compact(corpus, tokenizer):
     stream = _stream(corpus, tokenizer)
     rows = stream._fill(iter(stream_corpus(_files(corpus))))
     assert len(rows) == 64 and all(row["input_ids"].dtype == np.int32 for row in rows)
+
+
+# ---- several processes and machines ----
+
+def _launch(launcher: list[str], corpus: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = ["-m", "vaswani", "train", "--source", str(corpus / "train.en.gz"), "--target", str(corpus / "train.de.gz"),
+            "--output", str(out), "--streaming", "--buffer-pairs", "40", "--max-steps", "4", "--save-steps", "2",
+            *QUICK, *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    return subprocess.run([sys.executable, *launcher, *args], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=out.parent)
+
+
+def test_two_processes_stream_their_own_shares_and_refuse_to_resume_with_one(corpus, tmp_path, capsys):
+    out = tmp_path / "ddp"
+    launcher = ["-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", "2", "--multi_gpu",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541"]
+    result = _launch(launcher, corpus, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "vaswani_run.json").read_text())["result"]["world_size"] == 2
+    state = json.loads((out / "checkpoint-4" / STREAM_STATE).read_text())
+    assert state["world_size"] == 2 and all(position["batches"] >= 1 for position in state["positions"])
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--source", str(corpus / "train.en.gz"), "--target", str(corpus / "train.de.gz"), "--output",
+              str(out), "--streaming", "--max-steps", "6", "--resume", *QUICK])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "saved by 2 processes" in err and "this run has 1" in err
+
+
+def test_torchrun_two_nodes_on_one_host(corpus, tmp_path):
+    """Two "machines" (torchrun agents) meeting through c10d rendezvous on localhost, one process each."""
+    out = tmp_path / "nodes"
+    launcher = ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", "localhost:29543", "--rdzv-id", "vaswani-test"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = ["-m", "vaswani", "train", "--source", str(corpus / "train.en.gz"), "--target", str(corpus / "train.de.gz"),
+            "--output", str(out), "--streaming", "--buffer-pairs", "40", "--max-steps", "3", "--save-steps", "3",
+            *QUICK]
+    nodes = [subprocess.Popen([sys.executable, *launcher, *args], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=tmp_path) for _ in range(2)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert json.loads((out / "vaswani_run.json").read_text())["result"]["world_size"] == 2
+    assert json.loads((out / "checkpoint-3" / STREAM_STATE).read_text())["world_size"] == 2
