@@ -125,3 +125,17 @@ def test_shipped_launch_configs_are_accelerate_configs(name):
 
     config = load_config_from_file(str(REPO_ROOT / "configs" / "accelerate" / name))
     assert config.num_machines == 1 and config.num_processes >= 2
+
+
+@pytest.mark.parametrize(
+    ("variable", "engine"), [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
+)
+def test_sharding_engines_accelerate_runs_only_on_accelerators_are_refused_on_cpus(monkeypatch, variable, engine):
+    from accelerate import PartialState
+
+    from vaswani.training.run import check_engine_is_honoured
+
+    check_engine_is_honoured(PartialState(cpu=True))
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(ValueError, match=f"accelerate runs {engine} on GPUs"):
+        check_engine_is_honoured(PartialState(cpu=True))

@@ -351,17 +351,24 @@ def check_streaming(settings: TrainSettings) -> None:
     check_stream_workers(settings.args.dataloader_num_workers)
 
 
-def check_fsdp_is_honoured(state: PartialState) -> None:
-    """accelerate shards a model with FSDP on accelerators only: given an FSDP config on CPUs it quietly trains with
-    DDP, every process holding the whole model and optimizer. Say so instead of letting the memory plan fail later."""
-    from accelerate.utils import DistributedType, parse_flag_from_env
+#: The engines accelerate runs on GPUs (and other accelerators) only: the variable its launcher sets for each, and
+#: the distributed type it then uses.
+SHARDING_ENGINES = {"FSDP": ("ACCELERATE_USE_FSDP", "FSDP"), "DeepSpeed": ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")}
 
-    if parse_flag_from_env("ACCELERATE_USE_FSDP") and state.distributed_type != DistributedType.FSDP:
-        raise ValueError(
-            "the accelerate config asks for FSDP, but accelerate runs FSDP on GPUs (and other accelerators) only; "
-            f"here it would train with {state.distributed_type.value} instead, each process holding the whole model. "
-            "On CPUs launch with DDP (configs/accelerate/ddp-cpu.yaml), or train on GPUs."
-        )
+
+def check_engine_is_honoured(state: PartialState) -> None:
+    """accelerate shards a model with FSDP or DeepSpeed on accelerators only: given such a config on CPUs it quietly
+    trains with DDP, every process holding the whole model and optimizer. Say so instead of letting the memory plan
+    fail later."""
+    from accelerate.utils import parse_flag_from_env
+
+    for engine, (variable, distributed_type) in SHARDING_ENGINES.items():
+        if parse_flag_from_env(variable) and state.distributed_type.value != distributed_type:
+            raise ValueError(
+                f"the accelerate config asks for {engine}, but accelerate runs {engine} on GPUs (and other "
+                f"accelerators) only; here it would train with {state.distributed_type.value} instead, each process "
+                "holding the whole model. On CPUs launch with DDP (configs/accelerate/ddp-cpu.yaml), or train on GPUs."
+            )
 
 
 def check_same_corpus(settings: TrainSettings) -> None:
@@ -486,7 +493,7 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
     check_streaming(settings)
     args = run_arguments(settings, settings.valid_corpus is not None)
     state = PartialState(cpu=settings.args.use_cpu)  # as the Trainer will: else CPU processes do not see each other
-    check_fsdp_is_honoured(state)
+    check_engine_is_honoured(state)
     if (finished := finished_result(settings)) is not None:
         print(f"{settings.output_dir} holds a finished run of {finished.steps} updates; nothing to resume "
               "(a higher --max-steps trains on).")
