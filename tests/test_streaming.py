@@ -333,3 +333,46 @@ def test_torchrun_two_nodes_on_one_host(corpus, tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     assert json.loads((out / "vaswani_run.json").read_text())["result"]["world_size"] == 2
     assert json.loads((out / "checkpoint-3" / STREAM_STATE).read_text())["world_size"] == 2
+
+
+_KILL_RANK = textwrap.dedent("""
+    import os, signal, sys
+    from transformers import TrainerCallback
+    import vaswani.training.run as run
+    from vaswani.cli import main
+
+    class KillRankOne(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == int(os.environ["KILL_AT"]) and args.process_index == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    original = run.VaswaniTrainer.__init__
+    def with_killer(self, *args, **kwargs):
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), KillRankOne()]
+        original(self, *args, **kwargs)
+    run.VaswaniTrainer.__init__ = with_killer
+    main(sys.argv[1:])
+""")
+
+
+def test_a_lost_process_stops_the_group_with_a_clear_error_and_the_checkpoint_intact(corpus, tmp_path):
+    out = tmp_path / "lost"
+    script = tmp_path / "kill_rank.py"
+    script.write_text(_KILL_RANK)
+    launcher = ["-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", "2", "--multi_gpu",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29545"]
+    args = ["train", "--source", str(corpus / "train.en.gz"), "--target", str(corpus / "train.de.gz"), "--output",
+            str(out), "--streaming", "--buffer-pairs", "40", "--max-steps", "8", "--save-steps", "2", *QUICK]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "KILL_AT": "3"}
+    result = subprocess.run([sys.executable, *launcher, str(script), *args], env=env, capture_output=True, text=True,
+                            timeout=600, cwd=tmp_path)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("vaswani train: ")]
+    assert ours and "the last complete checkpoint is" in ours[0] and "checkpoint-2" in ours[0], result.stderr[-3000:]
+    assert "[rank0]: Traceback" not in result.stderr  # the launcher's own report of the lost process stays
+    assert last_complete_checkpoint(out).name == "checkpoint-2"
+    resumed = _launch(["-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", "2",
+                       "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                       "29547"], corpus, out, "--max-steps", "4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "vaswani_run.json").read_text())["result"]["steps"] == 4

@@ -308,15 +308,36 @@ def resume_hint(run_dir: str | os.PathLike[str]) -> str:
     return f"the last complete checkpoint is {last}; continue from it with --resume"
 
 
+#: How torch.distributed reports a process of the group that is gone (gloo's TCP pair, NCCL's watchdog).
+LOST_PEER_SIGNS = ("closed by peer", "reset by peer", "remote worker", "communicator was aborted")
+
+
+def _lost_peer(err: BaseException) -> bool:
+    return isinstance(err, torch.distributed.DistError) or any(sign in str(err) for sign in LOST_PEER_SIGNS)
+
+
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt("stopped by SIGTERM (a launcher ending the group, or a scheduler preempting the job)")
+
+
 @contextmanager
 def explained_stops(run_dir: Path) -> Iterator[None]:
-    """Ctrl-C and a full disk while training or saving say where the run can continue from (see
-    :func:`resume_hint`) in one line instead of a long traceback."""
+    """Ctrl-C, SIGTERM, a lost process of the group and a full disk while training or saving say where the run can
+    continue from (see :func:`resume_hint`) in one line instead of a long traceback."""
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         yield
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(resume_hint(run_dir)) from None
+    except KeyboardInterrupt as err:
+        raise KeyboardInterrupt(f"{err}; {resume_hint(run_dir)}" if str(err) else resume_hint(run_dir)) from None
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError "file write failed"
+        if _lost_peer(err):
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConnectionError(
+                f"a process of the training group stopped ({first_line}); {resume_hint(run_dir)}, launching as many "
+                "processes as before"
+            ) from None
         if getattr(err, "errno", None) != errno.ENOSPC and "file write failed" not in str(err):
             raise
         free = shutil.disk_usage(run_dir).free
@@ -324,6 +345,8 @@ def explained_stops(run_dir: Path) -> Iterator[None]:
             errno.ENOSPC, f"the disk holding {run_dir} is full ({free / 2**20:,.0f} MiB free) while saving; free "
             f"space (or lower --save-total-limit), then: {resume_hint(run_dir)}"
         ) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 #: Config entries that record how a model was saved or is run rather than what it is, and retired ones.
