@@ -325,8 +325,10 @@ def explained_stops(run_dir: Path) -> Iterator[None]:
     """Ctrl-C, SIGTERM, a lost process of the group and a full disk while training or saving say where the run can
     continue from (see :func:`resume_hint`) in one line instead of a long traceback."""
     import signal
+    import threading
 
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main_thread else None
     try:
         yield
     except KeyboardInterrupt as err:
@@ -346,7 +348,8 @@ def explained_stops(run_dir: Path) -> Iterator[None]:
             f"space (or lower --save-total-limit), then: {resume_hint(run_dir)}"
         ) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 #: Config entries that record how a model was saved or is run rather than what it is, and retired ones.
