@@ -195,7 +195,8 @@ _RUN = textwrap.dedent("""
 
     class KillAt(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == int(os.environ["KILL_AT"]):
+            rank = os.environ.get("KILL_RANK")  # one process of a group, or any
+            if state.global_step == int(os.environ["KILL_AT"]) and rank in (None, str(args.process_index)):
                 os.kill(os.getpid(), signal.SIGKILL)
 
     import vaswani.training.run as run
@@ -335,35 +336,16 @@ def test_torchrun_two_nodes_on_one_host(corpus, tmp_path):
     assert json.loads((out / "checkpoint-3" / STREAM_STATE).read_text())["world_size"] == 2
 
 
-_KILL_RANK = textwrap.dedent("""
-    import os, signal, sys
-    from transformers import TrainerCallback
-    import vaswani.training.run as run
-    from vaswani.cli import main
-
-    class KillRankOne(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == int(os.environ["KILL_AT"]) and args.process_index == 1:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    original = run.VaswaniTrainer.__init__
-    def with_killer(self, *args, **kwargs):
-        kwargs["callbacks"] = [*kwargs.get("callbacks", []), KillRankOne()]
-        original(self, *args, **kwargs)
-    run.VaswaniTrainer.__init__ = with_killer
-    main(sys.argv[1:])
-""")
-
-
 def test_a_lost_process_stops_the_group_with_a_clear_error_and_the_checkpoint_intact(corpus, tmp_path):
     out = tmp_path / "lost"
     script = tmp_path / "kill_rank.py"
-    script.write_text(_KILL_RANK)
+    script.write_text(_RUN)
     launcher = ["-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", "2", "--multi_gpu",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29545"]
     args = ["train", "--source", str(corpus / "train.en.gz"), "--target", str(corpus / "train.de.gz"), "--output",
             str(out), "--streaming", "--buffer-pairs", "40", "--max-steps", "8", "--save-steps", "2", *QUICK]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "KILL_AT": "3"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "KILL_AT": "3",
+           "KILL_RANK": "1"}
     result = subprocess.run([sys.executable, *launcher, str(script), *args], env=env, capture_output=True, text=True,
                             timeout=600, cwd=tmp_path)
     assert result.returncode != 0
@@ -376,3 +358,18 @@ def test_a_lost_process_stops_the_group_with_a_clear_error_and_the_checkpoint_in
                        "29547"], corpus, out, "--max-steps", "4", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((out / "vaswani_run.json").read_text())["result"]["steps"] == 4
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".tsv.gz"])
+def test_a_tsv_file_is_a_dataset_in_memory_and_streamed(tmp_path, suffix):
+    from vaswani.training.data import load_parallel_corpus
+
+    rows = [('He said "hi".', 'Er sagte "hallo".'), ("Two dogs.", "Zwei Hunde.")]
+    text = "en\tde\n" + "".join(f"{en}\t{de}\n" for en, de in rows)
+    path = tmp_path / f"pairs{suffix}"
+    path.write_bytes(gzip.compress(text.encode()) if suffix.endswith(".gz") else text.encode())
+    corpus = {"dataset": str(path), "source_column": "en", "target_column": "de"}
+    in_memory, _ = load_parallel_corpus(**corpus)
+    streamed = list(stream_corpus(corpus))
+    assert [(r["source"], r["target"]) for r in in_memory] == rows  # quotes are part of the text
+    assert [(r["source"], r["target"]) for r in streamed] == rows

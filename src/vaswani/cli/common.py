@@ -15,7 +15,9 @@ def corpus_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--target", help="target-language file, line-aligned with --source (plain or .gz; default: none)")
     p.add_argument(
-        "--dataset", help="instead of files: a datasets name or local path (Hub needs a network; default: none)"
+        "--dataset",
+        help="instead of files: a datasets name (the Hub needs a network), a local dataset folder, or one .tsv, .csv, "
+        ".jsonl or .parquet file (plain or .gz; a TSV/CSV with a header row naming its columns) (default: none)",
     )
     p.add_argument(
         "--dataset-config", help="configuration name of --dataset, e.g. de-en (default: the dataset's default)"

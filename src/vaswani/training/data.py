@@ -386,6 +386,31 @@ def pairs_from_dataset(
     return (pairs if keep is None else pairs.select(keep)), report
 
 
+#: Table files ``--dataset`` may name directly, by suffix (a ``.gz`` after it is read through): datasets' builder and
+#: its options. A TSV or CSV file needs a header row naming its columns.
+TABLE_FILES = {
+    ".tsv": ("csv", {"delimiter": "\t", "quoting": 3}),  # quoting 3: QUOTE_NONE, quotes are text in a sentence
+    ".csv": ("csv", {}),
+    ".jsonl": ("json", {}),
+    ".json": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+
+
+def load_named_dataset(name: str | os.PathLike[str], config: str | None, split: str, streaming: bool = False):
+    """``datasets.load_dataset`` for what ``--dataset`` names: a Hub id, a local dataset folder, or one TSV, CSV,
+    JSON Lines or Parquet file (plain or ``.gz``), which becomes the ``train`` split."""
+    import datasets
+
+    path = Path(os.fspath(name))
+    suffixes = [suffix for suffix in path.suffixes if suffix != ".gz"]
+    if path.is_file() and suffixes and suffixes[-1] in TABLE_FILES:
+        builder, options = TABLE_FILES[suffixes[-1]]
+        return datasets.load_dataset(builder, data_files={"train": str(path)}, split=split, streaming=streaming,
+                                     **options)
+    return datasets.load_dataset(os.fspath(name), config, split=split, streaming=streaming)
+
+
 def load_parallel_corpus(
     source: str | os.PathLike[str] | None = None,
     target: str | os.PathLike[str] | None = None,
@@ -403,7 +428,7 @@ def load_parallel_corpus(
     """Load sentence pairs from files, a ``datasets`` object, or a Hub dataset name.
 
     Give either ``source`` and ``target`` files, or ``dataset``: a ``Dataset``, a ``DatasetDict`` (``split``
-    is taken), or a Hub name/local path for ``datasets.load_dataset(dataset, dataset_config, split=split)``
+    is taken), or a Hub name, local dataset folder or table file (:func:`load_named_dataset`)
     (needs a network unless cached). Returns ``(dataset, report)``; the dataset has ``source`` and
     ``target`` columns.
     """
@@ -416,7 +441,7 @@ def load_parallel_corpus(
     import datasets
 
     if isinstance(dataset, (str, os.PathLike)):
-        dataset = datasets.load_dataset(os.fspath(dataset), dataset_config, split=split)
+        dataset = load_named_dataset(dataset, dataset_config, split)
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
             raise ValueError(f"split {split!r} not in the dataset; it has {list(dataset)}")

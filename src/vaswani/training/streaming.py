@@ -46,6 +46,7 @@ from .data import (
     _encode_batch,
     _file_fingerprint,
     _is_empty,
+    load_named_dataset,
     pair_projection,
 )
 
@@ -115,8 +116,8 @@ def stream_corpus(corpus: dict[str, Any], *, rank: int = 0, world_size: int = 1)
     else:
         dataset = corpus["dataset"]
         if isinstance(dataset, (str, os.PathLike)):
-            dataset = datasets.load_dataset(
-                os.fspath(dataset), corpus.get("dataset_config"), split=corpus.get("split", "train"), streaming=True
+            dataset = load_named_dataset(
+                dataset, corpus.get("dataset_config"), corpus.get("split", "train"), streaming=True
             )
         if not isinstance(dataset, datasets.IterableDataset):
             dataset = dataset.to_iterable_dataset()
