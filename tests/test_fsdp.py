@@ -139,3 +139,35 @@ def test_sharding_engines_accelerate_runs_only_on_accelerators_are_refused_on_cp
     monkeypatch.setenv(variable, "true")
     with pytest.raises(ValueError, match=f"accelerate runs {engine} on GPUs"):
         check_engine_is_honoured(PartialState(cpu=True))
+
+
+def test_checkpoints_of_fsdp_and_deepspeed_runs_count_as_complete(tmp_path):
+    """--resume finds the checkpoints the Trainer writes under FSDP (full or sharded state dicts) and DeepSpeed,
+    and still skips one torn while a shard was being written."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    from vaswani.training.trainer import is_complete_checkpoint
+
+    def checkpoint(name: str, files: dict[str, bytes], sharded: tuple[str, ...] = ()) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        torch.save({}, folder / "scheduler.pt")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+        for file, data in files.items():
+            (folder / file).parent.mkdir(parents=True, exist_ok=True)
+            (folder / file).write_bytes(data)
+        for shard in sharded:  # a torch.distributed.checkpoint folder, as accelerate's save_fsdp_* write
+            dcp.save({"weight": torch.ones(3)}, checkpoint_id=str(folder / shard))
+        return folder
+
+    weights = tmp_path / "w.safetensors"
+    save_file({"w": torch.ones(2)}, weights)
+    full = checkpoint("full", {"model.safetensors": weights.read_bytes(), "optimizer.bin": b"state"})
+    sharded = checkpoint("sharded", {}, ("pytorch_model_fsdp_0", "optimizer_0"))
+    deepspeed = checkpoint("deepspeed", {"model.safetensors": weights.read_bytes(), "latest": b"global_step2"})
+    assert all(is_complete_checkpoint(folder) for folder in (full, sharded, deepspeed))
+    (sharded / "optimizer_0" / ".metadata").unlink()  # killed before every shard was written
+    assert not is_complete_checkpoint(sharded)

@@ -438,11 +438,21 @@ def test_vaswani_train_under_accelerate_launch_two_processes(corpus_dir, tmp_pat
         "--max-tokens",
         "300",
         "--max-steps",
-        "3",
+        "4",
         "--save-steps",
-        "3",
+        "2",
         "--eval-steps",
-        "0",
+        "4",
+        "--valid-source",
+        str(corpus_dir / "validation.en"),
+        "--valid-target",
+        str(corpus_dir / "validation.de"),
+        "--eval-max-sentences",
+        "8",
+        "--eval-beams",
+        "1",
+        "--average-last",
+        "2",
         "--report-to",
         "none",
         "--no-progress",
@@ -451,6 +461,8 @@ def test_vaswani_train_under_accelerate_launch_two_processes(corpus_dir, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     run = json.loads((tmp_path / "ddp" / "vaswani_run.json").read_text())
     assert run["result"]["world_size"] == 2
+    # the final validation of the averaged model ran on both processes (it gathers their predictions)
+    assert len(run["result"]["averaged_checkpoints"]) == 2 and "eval_bleu" in run["result"]["eval_metrics"]
     assert AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "ddp").config.d_model == 32
 
 

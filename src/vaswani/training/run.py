@@ -371,6 +371,19 @@ def check_engine_is_honoured(state: PartialState) -> None:
             )
 
 
+def check_sharded_run(settings: TrainSettings, state: PartialState) -> None:
+    """Under FSDP or DeepSpeed the final model is gathered from every process's shard; choosing among or averaging
+    checkpoints afterwards happens on the main process alone, so it is refused there rather than left to hang."""
+    if state.distributed_type.value in ("FSDP", "DEEPSPEED") and (
+        settings.average_last > 1 or settings.patience or settings.args.load_best_model_at_end
+    ):
+        raise ValueError(
+            f"--average-last, --patience and --load-best-model-at-end are not supported under "
+            f"{state.distributed_type.value} yet: train without them and average afterwards with `vaswani average` "
+            "(checkpoints saved with FULL_STATE_DICT are normal model folders)."
+        )
+
+
 def check_same_corpus(settings: TrainSettings) -> None:
     """``--resume`` reads on where the run stopped in its corpus; in another corpus that place means nothing, so a
     changed corpus is refused unless ``reset_dataloader`` restarts the data explicitly."""
@@ -494,6 +507,7 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
     args = run_arguments(settings, settings.valid_corpus is not None)
     state = PartialState(cpu=settings.args.use_cpu)  # as the Trainer will: else CPU processes do not see each other
     check_engine_is_honoured(state)
+    check_sharded_run(settings, state)
     if (finished := finished_result(settings)) is not None:
         print(f"{settings.output_dir} holds a finished run of {finished.steps} updates; nothing to resume "
               "(a higher --max-steps trains on).")
@@ -574,38 +588,32 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
             f"The training loss became NaN/inf at step {bad_step}; stopped without saving that state: "
             f"{resume_hint(settings.output_dir)}, with a lower --learning-rate or a longer --warmup-steps."
         )
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if sharded:  # gathering the whole model from its shards takes every process
+        if trainer.is_fsdp_enabled:  # checkpoints may be sharded; the final folder is a whole model
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        with explained_stops(settings.output_dir):
+            trainer.save_model(str(settings.output_dir))
     tokens = trainer.target_tokens if trainer.target_tokens is not None else torch.zeros((), dtype=torch.long)
     target_tokens = int(trainer.accelerator.reduce(tokens.to(trainer.args.device), "sum"))  # all processes' tokens
+    best = trainer.state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
+    averaged: list[str] = []
+    if trainer.is_world_process_zero():
+        averaged = save_final_model(trainer, settings, tokenizer, best, sharded)
+    trainer.accelerator.wait_for_everyone()
+    if settings.average_last > 1 and not trainer.is_world_process_zero():  # validate the averaged model everywhere
+        trainer.model = VaswaniForConditionalGeneration.from_pretrained(settings.output_dir)
+    # every process takes part in validation (the Trainer gathers the predictions), then only the main one reports
+    eval_metrics = trainer.evaluate() if valid_set is not None else {}
     if not trainer.is_world_process_zero():
         return None
-
-    averaged: list[str] = []
-    best = trainer.state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
-    if settings.average_last > 1:  # §6.1: average the last N checkpoints
-        if best is not None:  # the Trainer loaded the best checkpoint: it stays a model of its own
-            with explained_stops(settings.output_dir):
-                trainer.save_model(str(settings.output_dir / BEST_DIR))
-                tokenizer.save_pretrained(settings.output_dir / BEST_DIR)
-        # a run stopped by its time budget may have saved fewer: average what there is (all of them)
-        checkpoints = collect_checkpoints([settings.output_dir])[-settings.average_last :]
-        # this folder holds one run; checkpoints saved before run ids were recorded lack one (force)
-        averaged_dir = average_checkpoints(checkpoints, settings.output_dir / "averaged", overwrite=True, force=True)
-        model = VaswaniForConditionalGeneration.from_pretrained(averaged_dir)
-        trainer.model = model
-        shutil.rmtree(averaged_dir)
-        averaged = [str(c) for c in checkpoints]
-    with explained_stops(settings.output_dir):
-        trainer.save_model(str(settings.output_dir))
-        tokenizer.save_pretrained(settings.output_dir)
-
-    eval_metrics = trainer.evaluate() if valid_set is not None else {}
     seconds = train_metrics.get("train_runtime", 0.0)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     result = TrainResult(
         output_dir=str(settings.output_dir),
         steps=trainer.state.global_step,
         train_pairs=None if settings.streaming else len(train_set),
-        parameters=model.num_parameters(),
+        parameters=trainer.model.num_parameters(),
         train_seconds=seconds,
         target_tokens_per_second=target_tokens / seconds if seconds else math.nan,
         final_loss=losses[-1] if losses else None,
@@ -618,6 +626,30 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
     plot_training_curves(trainer.state.log_history, settings.output_dir / "training_curves.png")
     write_run_file(settings, run_id, result)
     return result
+
+
+def save_final_model(trainer: VaswaniTrainer, settings: TrainSettings, tokenizer: Any, best: str | None,
+                     sharded: bool) -> list[str]:
+    """On the main process: the run folder's model (the average of the last ``average_last`` checkpoints if asked,
+    §6.1, the best one kept beside it in ``best/``) and tokenizer. Returns the averaged checkpoints."""
+    averaged: list[str] = []
+    if settings.average_last > 1:  # §6.1: average the last N checkpoints
+        if best is not None:  # the Trainer loaded the best checkpoint: it stays a model of its own
+            with explained_stops(settings.output_dir):
+                trainer.save_model(str(settings.output_dir / BEST_DIR))
+                tokenizer.save_pretrained(settings.output_dir / BEST_DIR)
+        # a run stopped by its time budget may have saved fewer: average what there is (all of them)
+        checkpoints = collect_checkpoints([settings.output_dir])[-settings.average_last :]
+        # this folder holds one run; checkpoints saved before run ids were recorded lack one (force)
+        averaged_dir = average_checkpoints(checkpoints, settings.output_dir / "averaged", overwrite=True, force=True)
+        trainer.model = VaswaniForConditionalGeneration.from_pretrained(averaged_dir)
+        shutil.rmtree(averaged_dir)
+        averaged = [str(c) for c in checkpoints]
+    with explained_stops(settings.output_dir):
+        if not sharded:  # under FSDP and DeepSpeed every process saved it already
+            trainer.save_model(str(settings.output_dir))
+        tokenizer.save_pretrained(settings.output_dir)
+    return averaged
 
 
 def plot_training_curves(log_history: list[dict[str, Any]], path: Path) -> Path:

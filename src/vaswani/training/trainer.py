@@ -266,19 +266,30 @@ class TimeBudget(TrainerCallback):
         schedule.total_steps = min(total, max_steps) if max_steps > 0 else total
 
 
+#: Where a checkpoint keeps its weights and its optimizer state, by what trained it: the Trainer alone or with DDP
+#: (``model.safetensors``, ``optimizer.pt``), FSDP with full state dicts (``optimizer.bin``), FSDP with sharded ones
+#: (``torch.distributed.checkpoint`` folders, whose ``.metadata`` is written when every shard is), DeepSpeed (its
+#: ``global_step<N>`` folder, named in ``latest`` once written).
+CHECKPOINT_WEIGHTS = ("model.safetensors", "pytorch_model_fsdp_0/.metadata")
+CHECKPOINT_OPTIMIZER = ("optimizer.pt", "optimizer.bin", "optimizer_0/.metadata", "latest")
+
+
 def is_complete_checkpoint(folder: Path) -> bool:
     """A checkpoint is usable when its weights, optimizer, scheduler and trainer state are all readable.
 
     The Trainer writes ``trainer_state.json`` last, so a run killed while writing leaves a folder that
     fails this check (missing or unparsable files) and is skipped on resume.
     """
-    needed = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
-    if not all((folder / name).is_file() for name in needed):
+    if not all((folder / name).is_file() for name in ("scheduler.pt", "trainer_state.json")):
+        return False
+    if not (any((folder / name).is_file() for name in CHECKPOINT_WEIGHTS)
+            and any((folder / name).is_file() for name in CHECKPOINT_OPTIMIZER)):
         return False
     try:
         json.loads((folder / "trainer_state.json").read_text())
-        with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
-            weights.keys()
+        if (folder / "model.safetensors").is_file():
+            with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+                weights.keys()
     except (OSError, ValueError, json.JSONDecodeError, Exception):  # safetensors raises its own error type
         return False
     return True
