@@ -294,6 +294,12 @@ def test_lengths_of_buffered_rows_are_compact(corpus, tokenizer):
 
 # ---- several processes and machines ----
 
+def _two_processes(port: int) -> list[str]:
+    """``accelerate launch`` of 2 CPU processes (gloo) meeting at ``port``."""
+    return ["-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", "2", "--multi_gpu",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+
+
 def _launch(launcher: list[str], corpus: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     args = ["-m", "vaswani", "train", "--source", str(corpus / "train.en.gz"), "--target", str(corpus / "train.de.gz"),
             "--output", str(out), "--streaming", "--buffer-pairs", "40", "--max-steps", "4", "--save-steps", "2",
@@ -305,8 +311,7 @@ def _launch(launcher: list[str], corpus: Path, out: Path, *extra: str) -> subpro
 
 def test_two_processes_stream_their_own_shares_and_refuse_to_resume_with_one(corpus, tmp_path, capsys):
     out = tmp_path / "ddp"
-    launcher = ["-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", "2", "--multi_gpu",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541"]
+    launcher = _two_processes(29541)
     result = _launch(launcher, corpus, out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "vaswani_run.json").read_text())["result"]["world_size"] == 2
@@ -340,8 +345,7 @@ def test_a_lost_process_stops_the_group_with_a_clear_error_and_the_checkpoint_in
     out = tmp_path / "lost"
     script = tmp_path / "kill_rank.py"
     script.write_text(_RUN)
-    launcher = ["-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", "2", "--multi_gpu",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29545"]
+    launcher = _two_processes(29545)
     args = ["train", "--source", str(corpus / "train.en.gz"), "--target", str(corpus / "train.de.gz"), "--output",
             str(out), "--streaming", "--buffer-pairs", "40", "--max-steps", "8", "--save-steps", "2", *QUICK]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "KILL_AT": "3",
@@ -353,9 +357,7 @@ def test_a_lost_process_stops_the_group_with_a_clear_error_and_the_checkpoint_in
     assert ours and "the last complete checkpoint is" in ours[0] and "checkpoint-2" in ours[0], result.stderr[-3000:]
     assert "[rank0]: Traceback" not in result.stderr  # the launcher's own report of the lost process stays
     assert last_complete_checkpoint(out).name == "checkpoint-2"
-    resumed = _launch(["-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", "2",
-                       "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                       "29547"], corpus, out, "--max-steps", "4", "--resume")
+    resumed = _launch(_two_processes(29547), corpus, out, "--max-steps", "4", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((out / "vaswani_run.json").read_text())["result"]["steps"] == 4
 

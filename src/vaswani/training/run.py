@@ -374,7 +374,7 @@ def check_engine_is_honoured(state: PartialState) -> None:
 def check_sharded_run(settings: TrainSettings, state: PartialState) -> None:
     """Under FSDP or DeepSpeed the final model is gathered from every process's shard; choosing among or averaging
     checkpoints afterwards happens on the main process alone, so it is refused there rather than left to hang."""
-    if state.distributed_type.value in ("FSDP", "DEEPSPEED") and (
+    if state.distributed_type.value in {kind for _, kind in SHARDING_ENGINES.values()} and (
         settings.average_last > 1 or settings.patience or settings.args.load_best_model_at_end
     ):
         raise ValueError(
