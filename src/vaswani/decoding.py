@@ -351,6 +351,32 @@ def length_penalty(length: int, alpha: float, kind: str) -> float:
     return gnmt_length_penalty(length, alpha) if kind == "gnmt" else length**alpha
 
 
+#: Columns per block in :func:`top_k_per_row`.
+TOP_K_BLOCK = 64
+
+
+def top_k_per_row(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(scores, k)`` over the last dimension of ``[rows, vocab]`` scores (values and columns, best
+    first; among equal scores another column may be chosen), faster when k is small next to the vocabulary.
+
+    The k best scores of a row lie in the k blocks of :data:`TOP_K_BLOCK` columns with the largest maxima: a score
+    in any other block has k block maxima at least as large above it. So one pass takes each block's maximum, and
+    ``topk`` sorts only those maxima and then the k·64 scores of the chosen blocks (and the columns past the last
+    whole block), not all of each row (a few times faster over an 8,000-word vocabulary on a CPU)."""
+    rows, vocab = scores.shape
+    blocks = vocab // TOP_K_BLOCK
+    if blocks <= 2 * k:
+        return torch.topk(scores, k)
+    whole = blocks * TOP_K_BLOCK
+    best_blocks = torch.topk(scores[:, :whole].view(rows, blocks, TOP_K_BLOCK).amax(-1), k).indices
+    offsets = torch.arange(TOP_K_BLOCK, device=scores.device)
+    columns = (best_blocks[:, :, None] * TOP_K_BLOCK + offsets).flatten(1)
+    if whole < vocab:
+        columns = torch.cat((columns, torch.arange(whole, vocab, device=scores.device).expand(rows, -1)), dim=1)
+    values, chosen = torch.topk(scores.gather(1, columns), k)
+    return values, columns.gather(1, chosen)
+
+
 def _take(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``tensor[b, indices[b, j], ...]`` (transformers' ``_gather_beams``)."""
     return torch.take_along_dim(tensor, indices.view(*indices.shape, *(1,) * (tensor.dim() - 2)), dim=1)
@@ -365,7 +391,7 @@ def _beam_step(
     # The top 2k continuations of a sentence (2k, so that k of them do not end in </s>) are among the top 2k of
     # each of its beams: those are all that get the beam's score added (not [b, k, vocab] of them).
     per_beam = min(2 * k, log_probs.shape[-1])
-    beam_best, beam_best_tokens = torch.topk(log_probs, per_beam)
+    beam_best, beam_best_tokens = top_k_per_row(log_probs, per_beam)
     scores = (beam_best.view(b, k, per_beam) + beams.running_scores[:, :, None]).view(b, k * per_beam)
     top_scores, top_indices = torch.topk(scores, 2 * k)
     top_beams, top_tokens = top_indices // per_beam, beam_best_tokens.view(b, k * per_beam).gather(1, top_indices)

@@ -152,11 +152,12 @@ def load_translation_model(
         raise _unreachable(name, err) from err
     model = model.to(device).eval()
     from .cpu_linears import pack_linear_layers, quantize_linear_layers
+    from .fused_decoder import fuse_decoder_layers
 
     if dtype == INT8:
         quantize_linear_layers(model)
     elif fast_linears:
-        pack_linear_layers(model)
+        fuse_decoder_layers(pack_linear_layers(model))
     return model, tokenizer
 
 

@@ -1,0 +1,183 @@
+"""The decoder layer fused for decoding on the CPU: the same function in fewer, larger operations.
+
+Speed machinery beside the paper's code: :class:`vaswani.modeling.DecoderLayer` stays the reading path. When beam
+or greedy search computes one position at a time, a decoder layer multiplies a few rows (tens of hypotheses) by
+seven weight matrices, and on a CPU much of a step goes to the operations between those products. A
+:class:`FusedDecoderLayer` computes the same layer with
+
+* the masked self-attention's Q, K and V projections (§3.2.2) as one product, their weights side by side;
+* each sub-layer's residual connection (§3.1, x + Sublayer(x)) added inside the sub-layer's last product;
+* the feed-forward network's ReLU (§3.3, Eq. 2) applied inside its first product;
+
+with every weight prepacked once for oneDNN, as :class:`vaswani.cpu_linears.PackedLinear` does. The sums are
+taken in another order (differences around 1e-6). It is a ``DecoderLayer`` with the same parameters, so it saves,
+trains and converts as before; it takes the fused path only in eval mode without gradients, on float32 CPU
+tensors, one position at a time with a decoding cache whose encoder-decoder keys and values are ready, and
+with plain linear layers (no adapters or hooks). Everything else runs the layer's own ``forward``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .cpu_linears import PackedLinear, can_prepack
+from .modeling import AddNorm, DecoderLayer
+
+#: Attention implementations whose masks ``F.scaled_dot_product_attention`` reads as they are (boolean or additive).
+FUSABLE_ATTENTION = ("eager", "sdpa")
+
+Packed = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def pack(*linears: nn.Linear) -> Packed:
+    """The linear layers' weights side by side (their outputs concatenated), prepacked for oneDNN, and their
+    biases (None where they have none)."""
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    bias = None if linears[0].bias is None else torch.cat([linear.bias.detach() for linear in linears])
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None), bias
+
+
+def product(x: torch.Tensor, packed: Packed, activation: str = "none") -> torch.Tensor:
+    """``activation(x Wᵀ + b)`` for the rows of ``x`` (``"none"`` or ``"relu"``, applied inside the product)."""
+    weight, bias = packed
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "")
+
+
+def product_plus(x: torch.Tensor, packed: Packed, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + x Wᵀ + b``, the residual added inside the product."""
+    weight, bias = packed
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+
+
+@dataclass
+class FusedWeights:
+    """A decoder layer's weights for the fused path."""
+
+    self_qkv: Packed
+    self_out: Packed
+    cross_q: Packed
+    cross_out: Packed
+    ffn_in: Packed
+    ffn_out: Packed
+
+    @classmethod
+    def of(cls, layer: DecoderLayer) -> FusedWeights:
+        self_attn, cross, ffn = layer.self_attn, layer.encoder_attn, layer.feed_forward
+        return cls(
+            self_qkv=pack(self_attn.q_proj, self_attn.k_proj, self_attn.v_proj),
+            self_out=pack(self_attn.out_proj),
+            cross_q=pack(cross.q_proj),
+            cross_out=pack(cross.out_proj),
+            ffn_in=pack(ffn.fc1),
+            ffn_out=pack(ffn.fc2),
+        )
+
+
+def _linears(layer: DecoderLayer) -> tuple[nn.Linear, ...]:
+    self_attn, cross = layer.self_attn, layer.encoder_attn
+    return (self_attn.q_proj, self_attn.k_proj, self_attn.v_proj, self_attn.out_proj, cross.q_proj, cross.out_proj,
+            layer.feed_forward.fc1, layer.feed_forward.fc2)
+
+
+def _is_plain(linear: nn.Module) -> bool:
+    return type(linear) in (nn.Linear, PackedLinear) and not (linear._forward_hooks or linear._forward_pre_hooks)
+
+
+def _weights_key(layer: DecoderLayer) -> tuple | None:
+    """What the fused weights were made from (None if a linear layer is not plain): a changed weight (an optimizer
+    step, ``load_state_dict``, ``to()``) or a replaced layer gives another key."""
+    linears = _linears(layer)
+    if not all(_is_plain(linear) for linear in linears) or len({linear.bias is None for linear in linears[:3]}) > 1:
+        return None
+    tensors = [t for linear in linears for t in (linear.weight, linear.bias) if t is not None]
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Eq. 1 over ``[batch, heads, len, d_k]`` heads; returns ``[batch · len, heads · d_k]`` (heads concatenated)."""
+    heads = F.scaled_dot_product_attention(query, key, value, mask)
+    return heads.transpose(1, 2).flatten(0, 1).flatten(1)
+
+
+def _residual(add_norm: AddNorm, residual: torch.Tensor, attended: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """Add & Norm (§3.1) around a sub-layer whose last product is ``packed``, applied to ``attended``."""
+    x = product_plus(attended, packed, residual)
+    return x if add_norm.normalize_before else add_norm.layer_norm(x)
+
+
+class FusedDecoderLayer(DecoderLayer):
+    """A :class:`DecoderLayer` whose one-position-at-a-time inference on the CPU runs fused (see the module)."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        cache=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        extras = any(value is not None and value is not False for value in kwargs.values())  # e.g. unpadded=None
+        weights = None if extras else self._fused_weights(hidden_states, attention_mask, cache)
+        if weights is None:
+            return super().forward(
+                hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache=cache, **kwargs
+            )
+        batch, length, d_model = hidden_states.shape
+        heads, d_k = self.self_attn.num_heads, self.self_attn.head_dim
+        x = hidden_states.reshape(-1, d_model)
+
+        qkv = product(self.self_attn_add_norm.sublayer_input(x), weights.self_qkv).view(batch, length, 3, heads, d_k)
+        query, key, value = (qkv[:, :, part].transpose(1, 2) for part in range(3))
+        keys, values = cache.self_attention_cache.update(key, value, self.self_attn.layer_idx)
+        x = _residual(self.self_attn_add_norm, x, _attention(query, keys, values, attention_mask), weights.self_out)
+
+        query = product(self.encoder_attn_add_norm.sublayer_input(x), weights.cross_q)
+        query = query.view(batch, length, heads, d_k).transpose(1, 2)
+        source = cache.cross_attention_cache.layers[self.self_attn.layer_idx]
+        attended = _attention(query, source.keys, source.values, encoder_attention_mask)
+        x = _residual(self.encoder_attn_add_norm, x, attended, weights.cross_out)
+
+        ffn = self.feed_forward
+        if ffn.activation.__class__ is nn.ReLU:
+            inner = product(self.feed_forward_add_norm.sublayer_input(x), weights.ffn_in, "relu")
+        else:
+            inner = ffn.activation(product(self.feed_forward_add_norm.sublayer_input(x), weights.ffn_in))
+        x = _residual(self.feed_forward_add_norm, x, inner, weights.ffn_out)
+        return x.view(batch, length, d_model)
+
+    def _fused_weights(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache
+    ) -> FusedWeights | None:
+        """The prepacked weights if this call may take the fused path (made again when the weights changed)."""
+        fusable = (
+            not self.training
+            and not torch.is_grad_enabled()
+            and hidden_states.dtype == torch.float32
+            and hidden_states.device.type == "cpu"
+            and self.self_attn.config._attn_implementation in FUSABLE_ATTENTION
+            # several positions need a mask: without one, a cached prefix would make "causal" misaligned
+            and (attention_mask is not None or hidden_states.shape[1] == 1)
+            and cache is not None
+            and cache.is_updated.get(self.self_attn.layer_idx, False)
+        )
+        key = _weights_key(self) if fusable else None
+        if key is None:
+            return None
+        if getattr(self, "_fused_key", None) != key:
+            self._fused, self._fused_key = FusedWeights.of(self), key
+        return self._fused
+
+
+def fuse_decoder_layers(model: nn.Module) -> nn.Module:
+    """Every :class:`DecoderLayer` of ``model`` made a :class:`FusedDecoderLayer` (in place, the same module and
+    parameters; unchanged where :func:`vaswani.cpu_linears.can_prepack` is False). Returns ``model``."""
+    if can_prepack():
+        for module in model.modules():
+            if type(module) is DecoderLayer:
+                module.__class__ = FusedDecoderLayer
+    return model
