@@ -3,12 +3,16 @@
 Translates the first ``--limit`` test sentences with ``vaswani translate``'s batching (beam 4, transformers'
 length penalty, as ``translate_bench`` does) and times each part with a wall clock around its call (CPU
 operators run synchronously, so a part's time is its operators' time plus its own Python): the encoder, the
-decoder's start (encoder-decoder keys and values), per decoder layer its masked self-attention (projections,
-cache write, attention, W^O), encoder-decoder attention, feed-forward and Add & Norm, the output layer,
-log-softmax, the beam-search step (top-k, finished hypotheses), the cache bookkeeping when beams are re-ranked
-and sentences leave, and the rest (``generate()``'s set-up, tokenizer, batching, the loop itself).
+decoder's start (encoder-decoder keys and values), the decoder layers, the output layer, log-softmax, the
+beam-search step (top-k, finished hypotheses), the cache bookkeeping when beams are re-ranked and sentences leave,
+and the rest (``generate()``'s set-up, tokenizer, batching, the loop itself). The decoder layers are split into
+their matrix products, attention, self-attention cache writes and the rest for ``FusedDecoderLayer`` (what
+``vaswani translate`` runs in float32), or with ``--layer-by-layer`` (the model's own layers, linear layers
+prepacked) into masked self-attention (projections, cache write, attention, W^O), encoder-decoder attention,
+feed-forward and Add & Norm.
 
     python benchmarks/decode_profile.py outputs/multi30k-en-de [--threads 1,2] [--limit 300] [--dtype float32]
+        [--layer-by-layer]
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import time
 import torch
 from multi30k_data import add_data_argument, require_files
 
-from vaswani import decoding
+from vaswani import decoding, fused_decoder
+from vaswani.cpu_linears import pack_linear_layers
 from vaswani.perf import cpu_description
 from vaswani.training.data import read_lines
 from vaswani.translate import load_translation_model, translate
@@ -50,19 +55,36 @@ class PartTimer:
         return timed
 
 
+NESTED = "decoder layers: the rest (Add & Norm, reshapes)"
+
+
 def instrument(model, timer: PartTimer) -> list[str]:
     """Wrap the model's parts and the search's functions; returns the parts in display order."""
     decoder = decoding.IncrementalDecoder
     decoder.__init__ = timer.wrap("decoder start (encoder-decoder keys and values)", decoder.__init__)
     decoder.select = timer.wrap("cache bookkeeping (re-ranked beams, sentences leaving)", decoder.select)
-    decoding._beam_step = timer.wrap("beam-search step (top-k, finished hypotheses)", decoding._beam_step)
-    decoding._update_improvable = timer.wrap("beam-search step (top-k, finished hypotheses)",
-                                             decoding._update_improvable)
-    decoding._process = timer.wrap("beam-search step (top-k, finished hypotheses)", decoding._process)
+    for name in ("_beam_step", "_update_improvable", "_process"):
+        setattr(decoding, name, timer.wrap("beam-search step (top-k, finished hypotheses)", getattr(decoding, name)))
     decoding.F = type("F", (), {"log_softmax": staticmethod(timer.wrap("log-softmax", torch.log_softmax))})
     encoder = model.model.encoder
     encoder.forward = timer.wrap("encoder", encoder.forward)
-    for layer in model.model.decoder.layers:
+    layers = model.model.decoder.layers
+    model.lm_head.forward = timer.wrap("output layer (× vocabulary)", model.lm_head.forward)
+    head = ["encoder", "decoder start (encoder-decoder keys and values)"]
+    tail = ["output layer (× vocabulary)", "log-softmax", "beam-search step (top-k, finished hypotheses)",
+            "cache bookkeeping (re-ranked beams, sentences leaving)"]
+    if all(isinstance(layer, fused_decoder.FusedDecoderLayer) for layer in layers):
+        # The fused path calls these module functions; the layers' own time less theirs is the rest.
+        for name, part in (("product", "decoder layers: matrix products"),
+                           ("product_plus", "decoder layers: matrix products"),
+                           ("_attention", "decoder layers: attention (Eq. 1)")):
+            setattr(fused_decoder, name, timer.wrap(part, getattr(fused_decoder, name)))
+        decoder.update = timer.wrap("decoder layers: self-attention cache writes", decoder.update)
+        for layer in layers:
+            layer.forward = timer.wrap(NESTED, layer.forward)
+        return [*head, "decoder layers: matrix products", "decoder layers: attention (Eq. 1)",
+                "decoder layers: self-attention cache writes", NESTED, *tail]
+    for layer in layers:
         for name, part in (("self_attn", "masked self-attention"), ("encoder_attn", "encoder-decoder attention"),
                            ("feed_forward", "feed-forward")):
             module = getattr(layer, name)
@@ -70,11 +92,16 @@ def instrument(model, timer: PartTimer) -> list[str]:
         for name in ("self_attn_add_norm", "encoder_attn_add_norm", "feed_forward_add_norm"):
             module = getattr(layer, name)
             module.forward = timer.wrap("decoder Add & Norm", module.forward)
-    model.lm_head.forward = timer.wrap("output layer (× vocabulary)", model.lm_head.forward)
-    return ["encoder", "decoder start (encoder-decoder keys and values)", "decoder masked self-attention",
-            "decoder encoder-decoder attention", "decoder feed-forward", "decoder Add & Norm",
-            "output layer (× vocabulary)", "log-softmax", "beam-search step (top-k, finished hypotheses)",
-            "cache bookkeeping (re-ranked beams, sentences leaving)"]
+    return [*head, "decoder masked self-attention", "decoder encoder-decoder attention", "decoder feed-forward",
+            "decoder Add & Norm", *tail]
+
+
+def own_seconds(seconds: dict[str, float]) -> dict[str, float]:
+    """The parts' times with the fused layers' total made their own time (less the parts timed inside them)."""
+    if NESTED in seconds:
+        inside = sum(value for part, value in seconds.items() if part.startswith("decoder layers:") and part != NESTED)
+        seconds = {**seconds, NESTED: seconds[NESTED] - inside}
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,15 +114,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=512, help="source tokens per batch")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or int8")
     parser.add_argument("--repeats", type=int, default=3, help="passes timed (median)")
+    parser.add_argument("--layer-by-layer", action="store_true",
+                        help="the model's own decoder layers instead of FusedDecoderLayer (float32)")
     args = parser.parse_args(argv)
     args.source = args.source or str(args.data / "test_2016_flickr.en.gz")
     require_files(parser, args.source)
     sentences = list(read_lines(args.source))[: args.limit]
-    model, tokenizer = load_translation_model(args.model, dtype=args.dtype)
+    model, tokenizer = load_translation_model(args.model, dtype=args.dtype, fast_linears=not args.layer_by_layer)
+    if args.layer_by_layer:
+        pack_linear_layers(model)
     timer = PartTimer()
     parts = [*instrument(model, timer), REST]
     print(f"Date {datetime.date.today()}, {cpu_description()}, torch {torch.__version__}; {args.model} "
-          f"({args.dtype}, {type(model.lm_head).__name__}), {len(sentences)} sentences, beam 4, "
+          f"({args.dtype}, {type(model.lm_head).__name__}, {type(model.model.decoder.layers[0]).__name__}), "
+          f"{len(sentences)} sentences, beam 4, "
           f"max_tokens {args.max_tokens}; median of {args.repeats} passes.\n")
     lines = ["| part | " + " | ".join(f"{t} thread(s)" for t in args.threads.split(",")) + " |",
              "|---|" + "---:|" * len(args.threads.split(","))]
@@ -109,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             translate(model, tokenizer, sentences, **DECODING)
             wall = time.perf_counter() - start
-            seconds = dict(timer.seconds)  # the parts do not overlap
+            seconds = own_seconds(dict(timer.seconds))  # the parts do not overlap
             seconds[REST] = wall - sum(seconds.values())
             passes.append((wall, seconds))
         wall, seconds = sorted(passes, key=lambda p: p[0])[len(passes) // 2]

@@ -5,8 +5,9 @@ system, sentences/s (median of ``--repeats`` passes, the systems taking turns wi
 CTranslate2 float32, BLEU, and the share of lines identical to ``vaswani translate`` float32:
 
 * ``vaswani translate`` (:func:`vaswani.translate.translate`: length-sorted token batches) in float32, bfloat16
-  and int8 (:mod:`vaswani.quantization`), with transformers' length-penalty form so that all systems decode the
-  same way, and once with the paper's GNMT penalty (the model's default);
+  and int8 (:mod:`vaswani.cpu_linears`), with transformers' length-penalty form so that all systems decode the
+  same way, once with the paper's GNMT penalty (the model's default), and once in float32 with the model's own
+  decoder layers instead of :class:`vaswani.fused_decoder.FusedDecoderLayer` (prepacked linear layers only);
 * transformers' ``MarianMTModel.generate`` on the same weights (``vaswani_to_marian``), float32 and bfloat16, fed
   (a) the same length-sorted batches and (b) batches of 32 sentences in file order, as a plain script would;
 * CTranslate2 (if ``import ctranslate2`` works) on ``vaswani export ctranslate2``'s conversion of the same weights,
@@ -38,6 +39,7 @@ import torch
 from multi30k_data import add_data_argument, require_files
 
 from vaswani.convert import vaswani_to_marian
+from vaswani.cpu_linears import pack_linear_layers
 from vaswani.perf import cpu_description
 from vaswani.training.data import read_lines
 from vaswani.translate import load_translation_model, token_batches, translate
@@ -112,6 +114,9 @@ def _systems(args, sources: list[str], folder: Path) -> dict[str, Callable[[], l
     for short, m in models.items():
         systems[f"vaswani translate, {short}"] = lambda m=m: translate(
             m, tokenizer, sources, max_tokens=args.max_tokens, **hf_decoding)
+    layer_by_layer = pack_linear_layers(load_translation_model(args.model, fast_linears=False)[0])
+    systems["vaswani translate, fp32, decoder layer by layer (no FusedDecoderLayer)"] = lambda: translate(
+        layer_by_layer, tokenizer, sources, max_tokens=args.max_tokens, **hf_decoding)
     systems["vaswani translate, fp32, paper decoding (GNMT)"] = lambda: translate(
         model, tokenizer, sources, max_tokens=args.max_tokens, **{**hf_decoding, "length_penalty_type": "gnmt"})
     for short in ("fp32", "bf16"):

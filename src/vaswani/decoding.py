@@ -294,9 +294,12 @@ class IncrementalDecoder:
         ancestry = self.ancestry.view(-1, self.steps)[rows]
         if sentences is not None:
             self.sentences = sentences.numel()
+            # The sentences before the first that left stay where they are; only those after it move up.
+            stays = sentences == torch.arange(self.sentences, device=sentences.device)
+            moved = self.sentences if bool(stays.all()) else int(stays.long().argmin())
             for buffers in self.self_cache:
                 for buffer in buffers:
-                    buffer[: self.sentences, :, : self.step] = buffer[sentences, :, : self.step]
+                    buffer[moved : self.sentences, :, : self.step] = buffer[sentences[moved:], :, : self.step]
             for layer in self.cross:
                 layer.keys, layer.values = layer.keys[sentences], layer.values[sentences]
             self.encoder_states = self.encoder_states[sentences]

@@ -114,8 +114,9 @@ def load_translation_model(
     (one of :data:`DTYPES`, or ``"int8"``: float32 with int8 linear layers, on the CPU).
 
     The model is for translating: with ``fast_linears`` a float32 model on the CPU gets its linear layers'
-    weights prepacked for oneDNN (:func:`vaswani.cpu_linears.pack_linear_layers`: the same function, faster at
-    decoding's few rows per step). Pass ``fast_linears=False`` for a model to train, save or convert.
+    weights prepacked for oneDNN (:func:`vaswani.cpu_linears.pack_linear_layers`) and its decoder layers fused
+    (:func:`vaswani.fused_decoder.fuse_decoder_layers`): the same function, faster at decoding's few rows per step.
+    Pass ``fast_linears=False`` for a model to train, save or convert.
 
     Vaswani folders load with the package's classes; other transformers seq2seq models (e.g. Marian) too; a
     folder's own code is never run. Raises :class:`ModelNotFoundError` naming the problem (no such folder, no
