@@ -52,10 +52,11 @@ def test_search_results_are_those_of_the_model_layers(loop, search, normalize_be
     assert count_fused[0] > 0  # the fused path ran (transformers' loop: from its second step, cross K/V cached)
 
 
-def test_step_logits_match_the_model_layers_within_1e_5():
+@pytest.mark.parametrize("activation", ["relu", "gelu"])  # ReLU inside the product; GELU after it
+def test_step_logits_match_the_model_layers_within_1e_5(activation):
     from vaswani.decoding import IncrementalDecoder
 
-    model = tiny_model(seed=5)
+    model = tiny_model(seed=5, activation_function=activation)
     ids, mask = padded_batch(lengths=(8, 5))
     tokens = torch.tensor([[2, 7, 9, 11, 13, 17], [2, 8, 10, 12, 14, 16]])
     with torch.no_grad():

@@ -66,18 +66,19 @@ class FusedWeights:
 
     @classmethod
     def of(cls, layer: DecoderLayer) -> FusedWeights:
-        self_attn, cross, ffn = layer.self_attn, layer.encoder_attn, layer.feed_forward
+        q, k, v, self_out, cross_q, cross_out, ffn_in, ffn_out = _linears(layer)
         return cls(
-            self_qkv=pack(self_attn.q_proj, self_attn.k_proj, self_attn.v_proj),
-            self_out=pack(self_attn.out_proj),
-            cross_q=pack(cross.q_proj),
-            cross_out=pack(cross.out_proj),
-            ffn_in=pack(ffn.fc1),
-            ffn_out=pack(ffn.fc2),
+            self_qkv=pack(q, k, v),
+            self_out=pack(self_out),
+            cross_q=pack(cross_q),
+            cross_out=pack(cross_out),
+            ffn_in=pack(ffn_in),
+            ffn_out=pack(ffn_out),
         )
 
 
 def _linears(layer: DecoderLayer) -> tuple[nn.Linear, ...]:
+    """The linear layers the fused path multiplies with: self-attention Q, K, V, W^O; encoder-decoder Q, W^O; W1, W2."""
     self_attn, cross = layer.self_attn, layer.encoder_attn
     return (self_attn.q_proj, self_attn.k_proj, self_attn.v_proj, self_attn.out_proj, cross.q_proj, cross.out_proj,
             layer.feed_forward.fc1, layer.feed_forward.fc2)
@@ -142,11 +143,11 @@ class FusedDecoderLayer(DecoderLayer):
         attended = _attention(query, source.keys, source.values, encoder_attention_mask)
         x = _residual(self.encoder_attn_add_norm, x, attended, weights.cross_out)
 
-        ffn = self.feed_forward
-        if ffn.activation.__class__ is nn.ReLU:
-            inner = product(self.feed_forward_add_norm.sublayer_input(x), weights.ffn_in, "relu")
-        else:
-            inner = ffn.activation(product(self.feed_forward_add_norm.sublayer_input(x), weights.ffn_in))
+        activation = self.feed_forward.activation
+        fused_relu = type(activation) is nn.ReLU
+        inner = product(self.feed_forward_add_norm.sublayer_input(x), weights.ffn_in, "relu" if fused_relu else "none")
+        if not fused_relu:
+            inner = activation(inner)
         x = _residual(self.feed_forward_add_norm, x, inner, weights.ffn_out)
         return x.view(batch, length, d_model)
 
