@@ -1,6 +1,7 @@
 """Builders shared by the tests: the test sentence pairs, a tiny model and a padded batch."""
 
 import os
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,35 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 #: Multi30k (task 1, raw) for the optional quality tests: the folder in $VASWANI_MULTI30K, else multi30k/ in the
 #: repository (where the README's commands read it).
 MULTI30K = Path(os.environ.get("VASWANI_MULTI30K", REPO_ROOT / "multi30k"))
+#: ``vaswani`` with its command-line arguments, run as ``python -c KILLABLE_TRAIN train ...`` (or as a launched
+#: script): the training process SIGKILLs itself at the end of update $KILL_AT (0: never), or with $KILL_WHEN=save
+#: once that update's checkpoint is saved; with $KILL_RANK only that process of a group does.
+KILLABLE_TRAIN = textwrap.dedent("""
+    import os, signal, sys
+    from transformers import TrainerCallback
+    from vaswani.cli import main
+
+    class KillAt(TrainerCallback):
+        def kill(self, event, args, state):
+            rank = os.environ.get("KILL_RANK")  # one process of a group, or any
+            if (event == os.environ.get("KILL_WHEN", "step_end") and state.global_step == int(os.environ.get(
+                    "KILL_AT", 0)) and rank in (None, str(args.process_index))):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.kill("step_end", args, state)
+
+        def on_save(self, args, state, control, **kwargs):
+            self.kill("save", args, state)
+
+    import vaswani.training.run as run
+    original = run.VaswaniTrainer.__init__
+    def with_killer(self, *args, **kwargs):
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), KillAt()]
+        original(self, *args, **kwargs)
+    run.VaswaniTrainer.__init__ = with_killer
+    main(sys.argv[1:])
+""")
 needs_multi30k = pytest.mark.skipif(
     not (MULTI30K / "train.en.gz").is_file(),
     reason=f"Multi30k not found in {MULTI30K}: put train.en.gz, train.de.gz etc. of github.com/multi30k/dataset "

@@ -4,6 +4,7 @@ sharded checkpoint; and an FSDP config that accelerate would quietly run as DDP 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,9 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO_ROOT
+from helpers import KILLABLE_TRAIN, REPO_ROOT
+from safetensors.torch import load_file
+from transformers import AutoModelForSeq2SeqLM
 
 from vaswani.demo.numbers import make_number_corpus, write_parallel_corpus
+from vaswani.training.trainer import last_complete_checkpoint
+
+CONFIGS = REPO_ROOT / "configs" / "accelerate"
 
 _SCRIPT = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
@@ -82,14 +88,14 @@ def _torchrun(processes: int, out: Path, steps: int = 4, save_at: int = 2, load:
     return torch.load(out / "params.pt", weights_only=True)
 
 
-def _close(one: dict, two: dict) -> None:
+def _close(one: dict, two: dict, atol: float = 1e-5) -> None:
     assert one.keys() == two.keys()
     for key in one:
         if key.endswith("k_proj.bias"):
             # softmax ignores a shift shared by all keys, so this gradient is exactly 0 in real arithmetic; Adam
             # divides its rounding noise by its own size and turns it into full-size random steps
             continue
-        assert (one[key] - two[key]).abs().max() < 1e-5, key
+        assert (one[key] - two[key]).abs().max() < atol, key
 
 
 def test_fsdp2_with_two_processes_equals_one_process_with_the_whole_batch(tmp_path):
@@ -102,50 +108,127 @@ def test_fsdp2_resumes_from_a_sharded_checkpoint(tmp_path):
     _close(straight, _torchrun(2, tmp_path / "run", load=True))
 
 
-def test_an_fsdp_config_on_cpus_is_refused_not_run_as_ddp(tmp_path):
-    corpus = tmp_path / "numbers"
-    write_parallel_corpus(make_number_corpus(40, 4, 4, seed=1, max_value=99), corpus)
-    config = tmp_path / "fsdp-on-cpu.yaml"
-    config.write_text((REPO_ROOT / "configs" / "accelerate" / "fsdp2.yaml").read_text().replace(
-        "num_processes: 8", "num_processes: 2\nuse_cpu: true").replace("mixed_precision: bf16", 'mixed_precision: "no"')
-        .replace("main_process_port: 29500", "main_process_port: 29553"))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "vaswani",
-               "train", "--source", str(corpus / "train.en"), "--target", str(corpus / "train.de"), "--output",
-               str(tmp_path / "run"), "--max-steps", "1", "--preset", "tiny"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode != 0
-    assert "accelerate runs FSDP on GPUs" in result.stderr and "ddp-cpu.yaml" in result.stderr
-    assert not (tmp_path / "run").exists()
+# ---- vaswani train under accelerate's FSDP on CPU processes ----
+
+_TRAIN = ["train", "--preset", "tiny", "--set", "d_model=32", "encoder_layers=2", "decoder_layers=2",
+          "encoder_ffn_dim=64", "decoder_ffn_dim=64", "dropout=0.1", "--vocab-size", "300", "--max-tokens", "200",
+          "--warmup-steps", "4", "--max-steps", "6", "--save-steps", "2", "--no-progress", "--report-to", "none"]
 
 
-@pytest.mark.parametrize("name", ["ddp-cpu.yaml", "fsdp2.yaml", "deepspeed-zero2.yaml"])
+def _launch(config: Path, corpus: Path, out: Path, port: int, *extra: str,
+            kill_at: int = 0, kill_when: str = "step_end") -> subprocess.CompletedProcess:
+    """``vaswani train`` launched with an accelerate config file; with ``kill_at``, process 1 is SIGKILLed at the
+    end of that update (``kill_when="save"``: once its checkpoint is saved)."""
+    script = out.parent / "killable_train.py"
+    script.write_text(KILLABLE_TRAIN)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               "--main_process_port", str(port), str(script), *_TRAIN, "--source", str(corpus / "train.en"),
+               "--target", str(corpus / "train.de"), "--output", str(out), *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "KILL_AT": str(kill_at), "KILL_RANK": "1",
+           "KILL_WHEN": kill_when}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=out.parent)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> tuple[Path, dict]:
+    """The number corpus and the parameters 2 DDP processes train on it (the shipped ddp-cpu.yaml)."""
+    folder = tmp_path_factory.mktemp("fsdp")
+    corpus = folder / "numbers"
+    write_parallel_corpus(make_number_corpus(200, 4, 4, seed=1, max_value=999), corpus)
+    result = _launch(CONFIGS / "ddp-cpu.yaml", corpus, folder / "ddp", 29555)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return corpus, load_file(folder / "ddp" / "model.safetensors")
+
+
+@pytest.mark.parametrize("state_dict_type", ["SHARDED_STATE_DICT", "FULL_STATE_DICT"])
+def test_fsdp_on_cpus_trains_like_ddp_and_a_killed_run_resumes(ddp_run, tmp_path, state_dict_type):
+    """The shipped fsdp2-cpu.yaml (and its FULL_STATE_DICT variant) through the Trainer: a run whose process 1 is
+    killed after checkpoint-2 resumes, and ends at DDP's parameters (the same batches and dropout draws)."""
+    corpus, ddp = ddp_run
+    config = tmp_path / "fsdp.yaml"
+    config.write_text((CONFIGS / "fsdp2-cpu.yaml").read_text().replace("SHARDED_STATE_DICT", state_dict_type))
+    out = tmp_path / "run"
+    killed = _launch(config, corpus, out, 29557, kill_at=3)
+    assert killed.returncode != 0
+    ours = [line for line in killed.stderr.splitlines() if line.startswith("vaswani train: ")]
+    assert ours and "checkpoint-2" in ours[0], killed.stderr[-3000:]
+    checkpoint = out / "checkpoint-2"
+    assert last_complete_checkpoint(out) == checkpoint
+    assert (checkpoint / "config.json").is_file()  # --resume compares the model config with it
+    if state_dict_type == "SHARDED_STATE_DICT":  # each process's shard, no whole model
+        assert (checkpoint / "pytorch_model_fsdp_0" / ".metadata").is_file()
+        assert not (checkpoint / "model.safetensors").exists()
+    else:
+        assert (checkpoint / "model.safetensors").is_file()
+
+    resumed = _launch(config, corpus, out, 29557, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "returned a view tensor" not in resumed.stderr  # FSDP2's warning about outputs it cannot hook
+    assert json.loads((out / "vaswani_run.json").read_text())["result"]["steps"] == 6
+    # the same names (the tied embeddings once, as without FSDP) and values: Adam divides each gradient by its
+    # running size, so where a gradient is near 0 the rounding of FSDP's reduce-scatter against DDP's all-reduce
+    # becomes a visible step; a wrong batch, scale or update would move parameters by about the learning rate (1e-2)
+    _close(ddp, load_file(out / "model.safetensors"), atol=1e-4)
+    # a normal model folder: its own code and class, not torch's FSDP wrapper
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["auto_map"]["AutoModelForSeq2SeqLM"] == "modeling.VaswaniForConditionalGeneration"
+    assert saved["architectures"] == ["VaswaniForConditionalGeneration"]
+    assert not list(out.glob("_fsdp*.py"))
+    assert AutoModelForSeq2SeqLM.from_pretrained(out).config.encoder_layers == 2
+
+
+def test_a_sharded_run_killed_after_its_last_checkpoint_gathers_its_model_on_resume(ddp_run, tmp_path):
+    """The last checkpoint holds only shards: --resume takes no further update and gathers the model from them."""
+    corpus, ddp = ddp_run
+    out = tmp_path / "run"
+    killed = _launch(CONFIGS / "fsdp2-cpu.yaml", corpus, out, 29559, "--max-steps", "4", kill_at=4,
+                     kill_when="save")
+    assert killed.returncode != 0 and last_complete_checkpoint(out).name == "checkpoint-4"
+    assert not (out / "model.safetensors").exists()
+    resumed = _launch(CONFIGS / "fsdp2-cpu.yaml", corpus, out, 29559, "--max-steps", "4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load_file(out / "model.safetensors").keys() == ddp.keys()
+
+
+@pytest.mark.parametrize("name", ["ddp-cpu.yaml", "fsdp2-cpu.yaml", "fsdp2.yaml", "deepspeed-zero2.yaml"])
 def test_shipped_launch_configs_are_accelerate_configs(name):
     from accelerate.commands.config.config_args import load_config_from_file
 
-    config = load_config_from_file(str(REPO_ROOT / "configs" / "accelerate" / name))
+    config = load_config_from_file(str(CONFIGS / name))
     assert config.num_machines == 1 and config.num_processes >= 2
+
+
+def test_deepspeed_on_cpus_is_refused_fsdp_is_not(monkeypatch):
+    """accelerate would quietly run a DeepSpeed config on CPUs as DDP; an FSDP config runs as FSDP."""
+    from accelerate import PartialState
+
+    from vaswani.training.run import check_engine_is_honoured
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    check_engine_is_honoured(PartialState(cpu=True))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="accelerate runs DeepSpeed on GPUs.*fsdp2-cpu.yaml"):
+        check_engine_is_honoured(PartialState(cpu=True))
 
 
 @pytest.mark.parametrize(
     ("variable", "engine"), [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
 )
-def test_sharding_engines_accelerate_runs_only_on_accelerators_are_refused_on_cpus(monkeypatch, variable, engine):
-    from accelerate import PartialState
+def test_checkpoint_averaging_is_refused_under_sharding_engines(monkeypatch, tmp_path, variable, engine):
+    from vaswani.training.run import TrainSettings, check_sharded_run, recipe_arguments
 
-    from vaswani.training.run import check_engine_is_honoured
-
-    check_engine_is_honoured(PartialState(cpu=True))
+    settings = TrainSettings(args=recipe_arguments(tmp_path), train_corpus={"source": "a", "target": "b"},
+                             average_last=2)
+    check_sharded_run(settings)
     monkeypatch.setenv(variable, "true")
-    with pytest.raises(ValueError, match=f"accelerate runs {engine} on GPUs"):
-        check_engine_is_honoured(PartialState(cpu=True))
+    with pytest.raises(ValueError, match=f"not supported under {engine}"):
+        check_sharded_run(settings)
 
 
 def test_checkpoints_of_fsdp_and_deepspeed_runs_count_as_complete(tmp_path):
     """--resume finds the checkpoints the Trainer writes under FSDP (full or sharded state dicts) and DeepSpeed,
     and still skips one torn while a shard was being written."""
-    import json
-
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
 

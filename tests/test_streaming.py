@@ -8,13 +8,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import fixture_lines
+from helpers import KILLABLE_TRAIN, fixture_lines
 from safetensors.torch import load_file
 
 from vaswani.cli import main
@@ -188,34 +187,13 @@ def test_the_cli_default_buffer_is_the_librarys():
 
 # ---- vaswani train --streaming end to end ----
 
-_RUN = textwrap.dedent("""
-    import os, signal, sys
-    from transformers import TrainerCallback
-    from vaswani.cli import main
-
-    class KillAt(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            rank = os.environ.get("KILL_RANK")  # one process of a group, or any
-            if state.global_step == int(os.environ["KILL_AT"]) and rank in (None, str(args.process_index)):
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    import vaswani.training.run as run
-    original = run.VaswaniTrainer.__init__
-    def with_killer(self, *args, **kwargs):
-        kwargs["callbacks"] = [*kwargs.get("callbacks", []), KillAt()]
-        original(self, *args, **kwargs)
-    run.VaswaniTrainer.__init__ = with_killer
-    main(sys.argv[1:])
-""")
-
-
 def _train(corpus: Path, out: Path, *extra: str, kill_at: int = 0) -> subprocess.CompletedProcess:
     args = ["--source", str(corpus / "train.en.gz"), "--target", str(corpus / "train.de.gz"), "--output", str(out),
             "--streaming", "--buffer-pairs", "40", "--max-steps", "14", "--save-steps", "4", "--set", "dropout=0.1",
             *QUICK, *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "KILL_AT": str(kill_at), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", _RUN, "train", *args], env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([sys.executable, "-c", KILLABLE_TRAIN, "train", *args], env=env, capture_output=True,
+                          text=True, timeout=600)
 
 
 def test_killed_streaming_run_resumes_to_the_same_parameters(corpus, tmp_path):
@@ -344,7 +322,7 @@ def test_torchrun_two_nodes_on_one_host(corpus, tmp_path):
 def test_a_lost_process_stops_the_group_with_a_clear_error_and_the_checkpoint_intact(corpus, tmp_path):
     out = tmp_path / "lost"
     script = tmp_path / "kill_rank.py"
-    script.write_text(_RUN)
+    script.write_text(KILLABLE_TRAIN)
     launcher = _two_processes(29545)
     args = ["train", "--source", str(corpus / "train.en.gz"), "--target", str(corpus / "train.de.gz"), "--output",
             str(out), "--streaming", "--buffer-pairs", "40", "--max-steps", "8", "--save-steps", "2", *QUICK]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO_ROOT
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForSeq2SeqLM,
@@ -348,7 +349,9 @@ _DDP_SCRIPT = textwrap.dedent("""
     from vaswani import VaswaniConfig, VaswaniForConditionalGeneration
     from vaswani.training.loss import label_smoothed_cross_entropy
     from vaswani.training.schedule import get_noam_schedule, paper_adam
+    from vaswani.training.trainer import fsdp_on_cpu_processes
 
+    fsdp_on_cpu_processes(cpu=True)  # under an FSDP config: shard over gloo instead of running DDP
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
     config = VaswaniConfig(vocab_size=60, d_model=32, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=64,
@@ -372,38 +375,29 @@ _DDP_SCRIPT = textwrap.dedent("""
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
+    assert accelerator.num_processes == 1 or accelerator.distributed_type.value == sys.argv[2]
+    params = accelerator.get_state_dict(model)  # gathered from the shards under FSDP
     if accelerator.is_main_process:
-        torch.save(accelerator.unwrap_model(model).state_dict(), sys.argv[1])
+        torch.save(params, sys.argv[1])
 """)
 
 
-def _accelerate(num_processes: int, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+def _accelerate(num_processes: int, args: list[str], tmp_path: Path, config: str = "ddp-cpu.yaml"
+                ) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of CPU processes with a shipped config from configs/accelerate/."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--num_processes",
-        str(num_processes),
-        "--main_process_port",
-        "29517",
-    ]
-    if num_processes > 1:
-        launcher.append("--multi_gpu")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO_ROOT / "configs" / "accelerate" / config), "--num_processes", str(num_processes),
+                "--main_process_port", "29517"]
     return subprocess.run(launcher + args, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
 
 
-def test_two_processes_with_half_batches_equal_one_process(tmp_path):
+@pytest.mark.parametrize(("config", "engine"), [("ddp-cpu.yaml", "MULTI_CPU"), ("fsdp2-cpu.yaml", "FSDP")])
+def test_two_processes_with_half_batches_equal_one_process(tmp_path, config, engine):
     script = tmp_path / "ddp_step.py"
     script.write_text(_DDP_SCRIPT)
     for n in (1, 2):
-        result = _accelerate(n, [str(script), str(tmp_path / f"params{n}.pt")], tmp_path)
+        result = _accelerate(n, [str(script), str(tmp_path / f"params{n}.pt"), engine], tmp_path, config)
         assert result.returncode == 0, result.stderr[-3000:]
     one, two = (torch.load(tmp_path / f"params{n}.pt", weights_only=True) for n in (1, 2))
     for key in one:

@@ -843,11 +843,29 @@ class VaswaniForConditionalGeneration(VaswaniPreTrainedModel, VaswaniGenerationM
                 code = Path(__file__).with_name(f"{spec['impl'].split('.')[0]}.py")
                 if code.is_file():
                     shutil.copyfile(code, Path(save_directory) / code.name)
-        super().save_pretrained(save_directory, *args, **kwargs)
+        tied = self.all_tied_weights_keys
+        if kwargs.get("state_dict") is not None:  # gathered from shards (FSDP), a tied weight comes once per name
+            kwargs["state_dict"] = {
+                name: value for name, value in kwargs["state_dict"].items()
+                if tied.get(name) not in kwargs["state_dict"]
+            }
+        # FSDP2's fully_shard swaps the class for FSDP<Name>, defined in torch: transformers would copy torch's
+        # files as the model's code and name that class in auto_map, so the model is saved as its own class
+        sharded_class, self.__class__ = type(self), _unsharded_class(type(self))
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = sharded_class
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Used by ``DataCollatorForSeq2Seq(model=...)`` so label-smoothed Trainer runs get decoder inputs."""
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+
+def _unsharded_class(cls: type) -> type:
+    """The class a model was built as: FSDP2's ``fully_shard`` makes it ``FSDP<Name>(FSDPModule, Name)``."""
+    own = cls.__bases__[-1]
+    return own if cls.__name__ == f"FSDP{own.__name__}" else cls
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ class Unpadded:
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """``[tokens, ...]`` → ``[batch, len, ...]`` with zeros at the padding positions."""
-        return _PadRows.apply(x, self).view(*self.shape, *x.shape[1:])
+        return _PadRows.apply(x, self)
 
     def pad_heads(self, x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
         """``[tokens, parts · heads · d_k]`` (projections side by side) → ``parts`` tensors ``[batch, heads,
@@ -172,16 +172,19 @@ class _UnpadRows(torch.autograd.Function):
 
 
 class _PadRows(torch.autograd.Function):
-    """:meth:`Unpadded.scatter` with autograd: the gradient is the rows ``unpadded.index`` of the output's."""
+    """:meth:`Unpadded.scatter` with autograd, shaped ``[batch, len, ...]``: the gradient is the rows
+    ``unpadded.index`` of the output's. The output is a tensor of its own, not a view (FSDP2 warns of views)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, unpadded: Unpadded) -> torch.Tensor:
         ctx.unpadded = unpadded
-        return unpadded.scatter(x)
+        out = x.new_empty(*unpadded.shape, *x.shape[1:])
+        unpadded.scatter(x, out.flatten(0, 1))
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad.index_select(0, ctx.unpadded.index), None
+        return grad.flatten(0, 1).index_select(0, ctx.unpadded.index), None
 
 
 class _PadHeads(torch.autograd.Function):

@@ -236,6 +236,11 @@ def reached_its_end(checkpoint: Path, settings: TrainSettings) -> bool:
     return state["global_step"] >= wanted
 
 
+def has_whole_model(checkpoint: Path) -> bool:
+    """Whether a checkpoint is a model folder (DDP, or FSDP with ``FULL_STATE_DICT``), not shards of one."""
+    return (checkpoint / "model.safetensors").is_file()
+
+
 def config_json(path: Path) -> Path:
     """The config.json that ``--model-config`` names: the file itself or the one in the folder."""
     path = Path(path)
@@ -351,36 +356,36 @@ def check_streaming(settings: TrainSettings) -> None:
     check_stream_workers(settings.args.dataloader_num_workers)
 
 
-#: The engines accelerate runs on GPUs (and other accelerators) only: the variable its launcher sets for each, and
-#: the distributed type it then uses.
-SHARDING_ENGINES = {"FSDP": ("ACCELERATE_USE_FSDP", "FSDP"), "DeepSpeed": ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")}
+def sharding_engine() -> str | None:
+    """``FSDP`` or ``DeepSpeed`` when the accelerate config asks for it (its launcher says so in the environment)."""
+    from accelerate.utils import parse_flag_from_env
+
+    engines = {"FSDP": "ACCELERATE_USE_FSDP", "DeepSpeed": "ACCELERATE_USE_DEEPSPEED"}
+    return next((engine for engine, variable in engines.items() if parse_flag_from_env(variable)), None)
 
 
 def check_engine_is_honoured(state: PartialState) -> None:
-    """accelerate shards a model with FSDP or DeepSpeed on accelerators only: given such a config on CPUs it quietly
-    trains with DDP, every process holding the whole model and optimizer. Say so instead of letting the memory plan
-    fail later."""
-    from accelerate.utils import parse_flag_from_env
-
-    for engine, (variable, distributed_type) in SHARDING_ENGINES.items():
-        if parse_flag_from_env(variable) and state.distributed_type.value != distributed_type:
-            raise ValueError(
-                f"the accelerate config asks for {engine}, but accelerate runs {engine} on GPUs (and other "
-                f"accelerators) only; here it would train with {state.distributed_type.value} instead, each process "
-                "holding the whole model. On CPUs launch with DDP (configs/accelerate/ddp-cpu.yaml), or train on GPUs."
-            )
+    """accelerate runs DeepSpeed on accelerators only: given its config on CPUs it quietly trains with DDP, every
+    process holding the whole model and optimizer. Say so instead of letting the memory plan fail later. (FSDP runs
+    on CPU processes too: :func:`~vaswani.training.trainer.fsdp_on_cpu_processes`.)"""
+    if sharding_engine() == "DeepSpeed" and state.distributed_type.value != "DEEPSPEED":
+        raise ValueError(
+            "the accelerate config asks for DeepSpeed, but accelerate runs DeepSpeed on GPUs (and other "
+            f"accelerators) only; here it would train with {state.distributed_type.value} instead, each process "
+            "holding the whole model. On CPUs shard with FSDP (configs/accelerate/fsdp2-cpu.yaml) or launch with DDP "
+            "(configs/accelerate/ddp-cpu.yaml)."
+        )
 
 
-def check_sharded_run(settings: TrainSettings, state: PartialState) -> None:
+def check_sharded_run(settings: TrainSettings) -> None:
     """Under FSDP or DeepSpeed the final model is gathered from every process's shard; choosing among or averaging
     checkpoints afterwards happens on the main process alone, so it is refused there rather than left to hang."""
-    if state.distributed_type.value in {kind for _, kind in SHARDING_ENGINES.values()} and (
-        settings.average_last > 1 or settings.patience or settings.args.load_best_model_at_end
-    ):
+    engine = sharding_engine()
+    if engine and (settings.average_last > 1 or settings.patience or settings.args.load_best_model_at_end):
         raise ValueError(
-            f"--average-last, --patience and --load-best-model-at-end are not supported under "
-            f"{state.distributed_type.value} yet: train without them and average afterwards with `vaswani average` "
-            "(checkpoints saved with FULL_STATE_DICT are normal model folders)."
+            f"--average-last, --patience and --load-best-model-at-end are not supported under {engine} yet: train "
+            "without them and average afterwards with `vaswani average` (checkpoints saved with FULL_STATE_DICT are "
+            "normal model folders)."
         )
 
 
@@ -507,7 +512,7 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
     args = run_arguments(settings, settings.valid_corpus is not None)
     state = PartialState(cpu=settings.args.use_cpu)  # as the Trainer will: else CPU processes do not see each other
     check_engine_is_honoured(state)
-    check_sharded_run(settings, state)
+    check_sharded_run(settings)
     if (finished := finished_result(settings)) is not None:
         print(f"{settings.output_dir} holds a finished run of {finished.steps} updates; nothing to resume "
               "(a higher --max-steps trains on).")
@@ -542,7 +547,8 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
     resume_from = last_complete_checkpoint(settings.output_dir) if settings.resume else None
     if resume_from is not None:
         check_resumable(config, resume_from)
-    ended = resume_from is not None and reached_its_end(resume_from, settings)
+    # a sharded checkpoint holds no model folder: the Trainer loads it and gathers the final model
+    ended = resume_from is not None and reached_its_end(resume_from, settings) and has_whole_model(resume_from)
     torch.manual_seed(settings.args.seed)
     if ended:
         model = VaswaniForConditionalGeneration.from_pretrained(resume_from)

@@ -37,6 +37,20 @@ from .streaming import TokenBatchStream, check_stream_workers, write_stream_stat
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
+def fsdp_on_cpu_processes(cpu: bool = False) -> None:
+    """accelerate reads an FSDP config only for process groups of accelerators: CPU processes (gloo) would quietly
+    train with DDP, each holding the whole model. torch's ``fully_shard`` runs on gloo all the same, so before the
+    ``Accelerator`` is built a CPU process group under an FSDP config is presented as a device group, the case in
+    which accelerate takes the FSDP plugin (and then records the group as FSDP). Call it before the
+    ``Accelerator`` is built, with its ``cpu`` argument (the Trainer's ``use_cpu``)."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    state = PartialState(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and state.distributed_type == DistributedType.MULTI_CPU:
+        state.distributed_type = DistributedType.MULTI_GPU
+
+
 class VaswaniTrainer(Seq2SeqTrainer):
     """``Seq2SeqTrainer`` with token-based batches, the paper's Adam + schedule and label smoothing.
 
@@ -81,15 +95,49 @@ class VaswaniTrainer(Seq2SeqTrainer):
         self.target_tokens: torch.Tensor | None = None
         self.stream_position: dict[str, Any] | None = None
 
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's ``Accelerator``, with FSDP on CPU processes too (:func:`fsdp_on_cpu_processes`)."""
+        fsdp_on_cpu_processes(self.args.use_cpu)
+        super().create_accelerator_and_postprocess()
+
+    @property
+    def fsdp_state_dict_type(self) -> str | None:
+        """How FSDP saves checkpoints, ``FULL_STATE_DICT`` or ``SHARDED_STATE_DICT``; None without FSDP."""
+        if not self.is_fsdp_enabled:
+            return None
+        return str(self.accelerator.state.fsdp_plugin.state_dict_type).rsplit(".", 1)[-1]
+
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        """The Trainer's checkpoint; in a streaming run first every process's place in the stream (written before
-        ``trainer_state.json``, so a checkpoint that counts as complete has it)."""
-        if isinstance(self.train_dataset, TokenBatchStream):
-            positions = gather_object([self.stream_position])
-            if self.args.should_save:
-                folder = Path(self._get_output_dir(trial)) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-                write_stream_state(folder, positions)
+        """The Trainer's checkpoint; before it (so that a checkpoint that counts as complete has them) in a
+        streaming run every process's place in the stream, and in a sharded FSDP run the model's config, which
+        the Trainer writes only beside whole weights."""
+        folder = Path(self._get_output_dir(trial)) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+        positions = gather_object([self.stream_position]) if isinstance(self.train_dataset, TokenBatchStream) else None
+        if self.args.should_save and positions is not None:
+            write_stream_state(folder, positions)
+        if self.args.should_save and self.fsdp_state_dict_type == "SHARDED_STATE_DICT":
+            self.model.config.save_pretrained(folder)
         super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """The Trainer's loading, except for FSDP checkpoints with whole weights: torch's broadcast of a full state
+        dict breaks on tied weights stored under each of their names, as accelerate's pytorch_model_fsdp.bin
+        stores them, so the weights come from the checkpoint's model.safetensors (each tied weight once, and no
+        unpickling) and are scattered to the shards from the main process."""
+        if self.fsdp_state_dict_type != "FULL_STATE_DICT":
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        model = model if model is not None else self.model
+        weights = Path(resume_from_checkpoint) / "model.safetensors"
+        state = load_file(weights) if self.accelerator.is_main_process else {}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        loaded = set_model_state_dict(model, state, options=options)
+        untied = set(loaded.missing_keys) - set(self.model.all_tied_weights_keys)  # tied ones load with their source
+        if untied or loaded.unexpected_keys:
+            raise ValueError(f"{weights} does not fit the model: missing {sorted(untied)}, unexpected "
+                             f"{sorted(loaded.unexpected_keys)}; resume with the model the run started with.")
 
     def get_train_dataloader(self) -> DataLoader:
         """Batches of similar-length pairs with at most ``max_tokens`` tokens, shuffled per epoch with the
@@ -370,6 +418,8 @@ _SAVING_KEYS = {*WRITTEN_BY_TRANSFORMERS, *RETIRED_KEYS, "use_cache"}
 def check_resumable(config: Any, checkpoint: Path) -> None:
     """Refuse to resume ``checkpoint`` with a model config that differs from the one it was saved with (another
     --preset, --config or --set), naming the differences, instead of a page of weight-shape mismatches."""
+    if not (checkpoint / "config.json").is_file():  # nothing to compare with (DeepSpeed shards)
+        return
     saved, wanted = type(config).from_pretrained(checkpoint).to_dict(), config.to_dict()
     differ = sorted(key for key in (saved.keys() | wanted.keys()) - _SAVING_KEYS if saved.get(key) != wanted.get(key))
     if differ:
