@@ -177,6 +177,21 @@ def test_fsdp_on_cpus_trains_like_ddp_and_a_killed_run_resumes(ddp_run, tmp_path
     assert AutoModelForSeq2SeqLM.from_pretrained(out).config.encoder_layers == 2
 
 
+def test_deepspeed_zero2_on_cpus_trains_like_ddp_and_a_killed_run_resumes(ddp_run, tmp_path):
+    """The shipped deepspeed-zero2-cpu.yaml (DeepSpeed's CPU accelerator over gloo): process 1 killed after
+    checkpoint-2, resumed, ends at DDP's parameters (ZeRO-2 sums the same gradients and runs the same Adam)."""
+    pytest.importorskip("deepspeed")
+    corpus, ddp = ddp_run
+    out = tmp_path / "run"
+    killed = _launch(CONFIGS / "deepspeed-zero2-cpu.yaml", corpus, out, 29561, kill_at=3)
+    assert killed.returncode != 0 and last_complete_checkpoint(out).name == "checkpoint-2", killed.stderr[-3000:]
+    assert (out / "checkpoint-2" / "latest").is_file()  # DeepSpeed's own checkpoint, optimizer state sharded
+    assert len(list((out / "checkpoint-2").glob("global_step2/zero_pp_rank_*_optim_states.pt"))) == 2
+    resumed = _launch(CONFIGS / "deepspeed-zero2-cpu.yaml", corpus, out, 29561, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _close(ddp, load_file(out / "model.safetensors"))
+
+
 def test_a_sharded_run_killed_after_its_last_checkpoint_gathers_its_model_on_resume(ddp_run, tmp_path):
     """The last checkpoint holds only shards: --resume takes no further update and gathers the model from them."""
     corpus, ddp = ddp_run
@@ -190,7 +205,9 @@ def test_a_sharded_run_killed_after_its_last_checkpoint_gathers_its_model_on_res
     assert load_file(out / "model.safetensors").keys() == ddp.keys()
 
 
-@pytest.mark.parametrize("name", ["ddp-cpu.yaml", "fsdp2-cpu.yaml", "fsdp2.yaml", "deepspeed-zero2.yaml"])
+@pytest.mark.parametrize(
+    "name", ["ddp-cpu.yaml", "fsdp2-cpu.yaml", "fsdp2.yaml", "deepspeed-zero2-cpu.yaml", "deepspeed-zero2.yaml"]
+)
 def test_shipped_launch_configs_are_accelerate_configs(name):
     from accelerate.commands.config.config_args import load_config_from_file
 
@@ -198,18 +215,20 @@ def test_shipped_launch_configs_are_accelerate_configs(name):
     assert config.num_machines == 1 and config.num_processes >= 2
 
 
-def test_deepspeed_on_cpus_is_refused_fsdp_is_not(monkeypatch):
-    """accelerate would quietly run a DeepSpeed config on CPUs as DDP; an FSDP config runs as FSDP."""
-    from accelerate import PartialState
-
+def test_deepspeed_told_it_runs_on_cpus_is_refused(monkeypatch):
+    """accelerate would quietly run a DeepSpeed config with use_cpu as DDP; without use_cpu, and for FSDP, the
+    engine runs."""
     from vaswani.training.run import check_engine_is_honoured
 
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    check_engine_is_honoured(PartialState(cpu=True))
+    check_engine_is_honoured()
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ValueError, match="accelerate runs DeepSpeed on GPUs.*fsdp2-cpu.yaml"):
-        check_engine_is_honoured(PartialState(cpu=True))
+    with pytest.raises(ValueError, match="accelerate then trains with DDP.*deepspeed-zero2-cpu.yaml"):
+        check_engine_is_honoured()
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    check_engine_is_honoured()
 
 
 @pytest.mark.parametrize(

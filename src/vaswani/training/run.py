@@ -364,16 +364,18 @@ def sharding_engine() -> str | None:
     return next((engine for engine, variable in engines.items() if parse_flag_from_env(variable)), None)
 
 
-def check_engine_is_honoured(state: PartialState) -> None:
-    """accelerate runs DeepSpeed on accelerators only: given its config on CPUs it quietly trains with DDP, every
-    process holding the whole model and optimizer. Say so instead of letting the memory plan fail later. (FSDP runs
-    on CPU processes too: :func:`~vaswani.training.trainer.fsdp_on_cpu_processes`.)"""
-    if sharding_engine() == "DeepSpeed" and state.distributed_type.value != "DEEPSPEED":
+def check_engine_is_honoured() -> None:
+    """accelerate skips DeepSpeed when its launcher is told that the run is on CPUs (``use_cpu`` in the config, which
+    sets ``ACCELERATE_USE_CPU``): it would quietly train with DDP, every process holding the whole model and
+    optimizer. Say so instead of letting the memory plan fail later. Without that flag DeepSpeed runs on CPUs with
+    its own CPU accelerator (over gloo), as FSDP does (:func:`~vaswani.training.trainer.fsdp_on_cpu_processes`)."""
+    from accelerate.utils import parse_flag_from_env
+
+    if sharding_engine() == "DeepSpeed" and parse_flag_from_env("ACCELERATE_USE_CPU"):
         raise ValueError(
-            "the accelerate config asks for DeepSpeed, but accelerate runs DeepSpeed on GPUs (and other "
-            f"accelerators) only; here it would train with {state.distributed_type.value} instead, each process "
-            "holding the whole model. On CPUs shard with FSDP (configs/accelerate/fsdp2-cpu.yaml) or launch with DDP "
-            "(configs/accelerate/ddp-cpu.yaml)."
+            "the accelerate config asks for DeepSpeed and for CPUs (use_cpu), and accelerate then trains with DDP "
+            "instead, each process holding the whole model. Leave use_cpu out: DeepSpeed runs on CPUs with its own "
+            "CPU accelerator (configs/accelerate/deepspeed-zero2-cpu.yaml)."
         )
 
 
@@ -511,7 +513,7 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
     check_streaming(settings)
     args = run_arguments(settings, settings.valid_corpus is not None)
     state = PartialState(cpu=settings.args.use_cpu)  # as the Trainer will: else CPU processes do not see each other
-    check_engine_is_honoured(state)
+    check_engine_is_honoured()
     check_sharded_run(settings)
     if (finished := finished_result(settings)) is not None:
         print(f"{settings.output_dir} holds a finished run of {finished.steps} updates; nothing to resume "
