@@ -834,7 +834,8 @@ class VaswaniForConditionalGeneration(VaswaniPreTrainedModel, VaswaniGenerationM
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """``PreTrainedModel.save_pretrained``, declaring the :attr:`saved_pipelines` (or those the loaded config
         declared) and copying their code beside the model's, so that ``pipeline(task, model=folder,
-        trust_remote_code=True)`` works where this package is not installed."""
+        trust_remote_code=True)`` works where this package is not installed. A model sharded by FSDP2 is saved as
+        an unsharded one: its own class, each tied weight once."""
         if self.saved_pipelines:
             self.config.custom_pipelines = copy.deepcopy(self.saved_pipelines)
         if not os.path.isfile(save_directory):  # else transformers reports the file
@@ -843,12 +844,10 @@ class VaswaniForConditionalGeneration(VaswaniPreTrainedModel, VaswaniGenerationM
                 code = Path(__file__).with_name(f"{spec['impl'].split('.')[0]}.py")
                 if code.is_file():
                     shutil.copyfile(code, Path(save_directory) / code.name)
-        tied = self.all_tied_weights_keys
-        if kwargs.get("state_dict") is not None:  # gathered from shards (FSDP), a tied weight comes once per name
-            kwargs["state_dict"] = {
-                name: value for name, value in kwargs["state_dict"].items()
-                if tied.get(name) not in kwargs["state_dict"]
-            }
+        state_dict = kwargs.get("state_dict")
+        if state_dict is not None:  # gathered from FSDP's shards, a tied weight comes once per name: keep its source
+            tied = self.all_tied_weights_keys
+            kwargs["state_dict"] = {name: v for name, v in state_dict.items() if tied.get(name) not in state_dict}
         # FSDP2's fully_shard swaps the class for FSDP<Name>, defined in torch: transformers would copy torch's
         # files as the model's code and name that class in auto_map, so the model is saved as its own class
         sharded_class, self.__class__ = type(self), _unsharded_class(type(self))

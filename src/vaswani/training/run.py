@@ -237,7 +237,7 @@ def reached_its_end(checkpoint: Path, settings: TrainSettings) -> bool:
 
 
 def has_whole_model(checkpoint: Path) -> bool:
-    """Whether a checkpoint is a model folder (DDP, or FSDP with ``FULL_STATE_DICT``), not shards of one."""
+    """Whether a checkpoint holds the whole model (DDP, DeepSpeed, FSDP's ``FULL_STATE_DICT``), not only shards."""
     return (checkpoint / "model.safetensors").is_file()
 
 

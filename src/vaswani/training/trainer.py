@@ -40,9 +40,9 @@ CHECKPOINT_PREFIX = "checkpoint-"
 def fsdp_on_cpu_processes(cpu: bool = False) -> None:
     """accelerate reads an FSDP config only for process groups of accelerators: CPU processes (gloo) would quietly
     train with DDP, each holding the whole model. torch's ``fully_shard`` runs on gloo all the same, so before the
-    ``Accelerator`` is built a CPU process group under an FSDP config is presented as a device group, the case in
-    which accelerate takes the FSDP plugin (and then records the group as FSDP). Call it before the
-    ``Accelerator`` is built, with its ``cpu`` argument (the Trainer's ``use_cpu``)."""
+    ``Accelerator`` is built (``cpu``: its argument, or the Trainer's ``use_cpu``) a CPU process group under an
+    FSDP config is presented as a device group, the case in which accelerate takes the FSDP plugin (and then
+    records the group as FSDP)."""
     from accelerate import PartialState
     from accelerate.utils import DistributedType, parse_flag_from_env
 
@@ -418,7 +418,7 @@ _SAVING_KEYS = {*WRITTEN_BY_TRANSFORMERS, *RETIRED_KEYS, "use_cache"}
 def check_resumable(config: Any, checkpoint: Path) -> None:
     """Refuse to resume ``checkpoint`` with a model config that differs from the one it was saved with (another
     --preset, --config or --set), naming the differences, instead of a page of weight-shape mismatches."""
-    if not (checkpoint / "config.json").is_file():  # nothing to compare with (DeepSpeed shards)
+    if not (checkpoint / "config.json").is_file():  # a checkpoint of shards alone: nothing to compare with
         return
     saved, wanted = type(config).from_pretrained(checkpoint).to_dict(), config.to_dict()
     differ = sorted(key for key in (saved.keys() | wanted.keys()) - _SAVING_KEYS if saved.get(key) != wanted.get(key))
