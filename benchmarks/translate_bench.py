@@ -42,7 +42,7 @@ from vaswani.convert import vaswani_to_marian
 from vaswani.cpu_linears import pack_linear_layers
 from vaswani.perf import cpu_description
 from vaswani.training.data import read_lines
-from vaswani.translate import load_translation_model, token_batches, translate
+from vaswani.translate import DEFAULT_MAX_TOKENS, load_translation_model, token_batches, translate
 
 
 def bleu(hypotheses: list[str], references: list[str]) -> float:
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference", help="reference translations (default: test_2016_flickr.de.gz in --data)")
     parser.add_argument("--limit", type=int, help="first N sentences only")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--max-tokens", type=int, default=512, help="source tokens per batch")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="source tokens per batch")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per system (median)")
     parser.add_argument("--skip", default="", help="comma-separated name fragments of systems to leave out")
     parser.add_argument("--json", help="also write the rows here")

@@ -85,3 +85,10 @@ def test_the_auto_classes_know_the_model_whatever_is_imported_first(imports: str
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_translate_default_batch_is_the_librarys() -> None:
+    from vaswani.cli import build_parser
+    from vaswani.translate import DEFAULT_MAX_TOKENS
+
+    assert build_parser().parse_args(["translate", "model"]).max_tokens == DEFAULT_MAX_TOKENS

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from .translate import DEFAULT_MAX_TOKENS
+
 #: The decoding settings of the exported model, read by :func:`translate_ctranslate2`.
 DECODING_FILE = "vaswani_decoding.json"
 QUANTIZATIONS = ("float32", "int8", "int8_float32", "bfloat16")
@@ -162,7 +164,7 @@ def translate_ctranslate2(
     sentences: Sequence[str],
     *,
     threads: int | None = None,
-    max_tokens: int = 512,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
     max_input_tokens: int | None = None,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,

@@ -167,6 +167,12 @@ def _one_line(text: str) -> str:
     return " ".join(text.splitlines())
 
 
+#: Source tokens per translation batch. Each decoding step has a fixed cost (Python, small products, the beam
+#: step) that a larger batch shares among more sentences; beyond a few thousand tokens the caches grow with
+#: little gain.
+DEFAULT_MAX_TOKENS = 2048
+
+
 def token_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Indices sorted by length (longest first) and packed so that rows × longest row <= ``max_tokens``
     (a single longer sentence gets a batch of its own)."""
@@ -198,7 +204,7 @@ def translate(
     tokenizer: Any,
     sentences: Sequence[str],
     *,
-    max_tokens: int = 512,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
     max_input_tokens: int | None = None,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
@@ -240,7 +246,7 @@ def translate_with(
     tokenizer: Any,
     sentences: Sequence[str],
     *,
-    max_tokens: int = 512,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
     max_input_tokens: int | None = None,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,

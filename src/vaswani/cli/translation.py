@@ -44,7 +44,8 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
         choices=["gnmt", "hf"],
         help="gnmt: ((5+|Y|)/6)^α as in the paper; hf: transformers' |Y|^α (default: the model's generation config)",
     )
-    p.add_argument("--max-tokens", type=int, default=512, help="source tokens per batch")
+    # vaswani.translate.DEFAULT_MAX_TOKENS, written out: importing it would import torch before --help answers
+    p.add_argument("--max-tokens", type=int, default=2048, help="source tokens per batch (default: 2048)")
     p.add_argument(
         "--max-input-tokens",
         type=int,
