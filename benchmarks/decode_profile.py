@@ -30,7 +30,7 @@ from vaswani import decoding, fused_decoder
 from vaswani.cpu_linears import pack_linear_layers
 from vaswani.perf import cpu_description
 from vaswani.training.data import read_lines
-from vaswani.translate import load_translation_model, translate
+from vaswani.translate import DEFAULT_MAX_TOKENS, load_translation_model, translate
 
 #: The decoding translate_bench times (transformers' length penalty, as CTranslate2 has).
 DECODING = {"num_beams": 4, "length_penalty": 0.6, "length_penalty_type": "hf", "max_len_a": 1.0, "max_len_b": 50,
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source", help="source sentences (default: test_2016_flickr.en.gz in --data)")
     parser.add_argument("--limit", type=int, default=300)
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
-    parser.add_argument("--max-tokens", type=int, default=512, help="source tokens per batch")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="source tokens per batch")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or int8")
     parser.add_argument("--repeats", type=int, default=3, help="passes timed (median)")
     parser.add_argument("--layer-by-layer", action="store_true",
