@@ -460,6 +460,18 @@ def test_vaswani_train_under_accelerate_launch_two_processes(corpus_dir, tmp_pat
     assert AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "ddp").config.d_model == 32
 
 
+def test_bad_input_under_two_processes_is_one_line_from_each(corpus_dir, tmp_path):
+    """The main process refuses the vocabulary; the other, waiting for its tokenizer, says the group stopped."""
+    args = ["-m", "vaswani", "train", "--source", str(corpus_dir / "train.en"), "--target",
+            str(corpus_dir / "train.de"), "--output", str(tmp_path / "run"), "--vocab-size", "200", "--max-steps", "2"]
+    result = _accelerate(2, args, tmp_path)
+    assert result.returncode != 0
+    assert "vocab_size 200 is smaller than the alphabet" in result.stderr
+    assert "a process of the training group stopped" in result.stderr
+    # no process's traceback (the launcher's own report of the failed processes stays)
+    assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
+
+
 def test_bf16_mixed_precision_on_cpu(corpus_dir, tmp_path):
     result = train(settings_for(corpus_dir, tmp_path / "bf16", bf16=True, max_steps=2, save_steps=2))
     assert result.steps == 2 and result.final_loss is not None and result.final_loss == result.final_loss

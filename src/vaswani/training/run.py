@@ -525,7 +525,9 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
     if state.device.type == "cpu":
         tune_cpu_training()
     run_id = (settings.resume and _read_run_file(settings.output_dir).get("run_id")) or uuid.uuid4().hex
-    with state.main_process_first():  # one process prepares the folder and the tokenizer, the others load it
+    # One process prepares the folder and the tokenizer, the others load it. The processes waiting for another
+    # learn of its failure as a lost peer, and say so in one line (explained_stops), not with a traceback.
+    with explained_stops(settings.output_dir), state.main_process_first():
         if state.is_main_process:
             check_same_corpus(settings)
             prepare_output_dir(settings)
@@ -536,7 +538,8 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
         else:
             tokenizer = start_tokenizer or load_tokenizer(settings.output_dir)
     config = start_model.config if start_model is not None else build_config(settings, tokenizer)
-    with state.local_main_process_first():  # one process per machine reads and tokenizes; the others load its cache
+    # One process per machine reads and tokenizes; the others load its cache.
+    with explained_stops(settings.output_dir), state.local_main_process_first():
         train_set = None
         if not settings.streaming:
             train_set, _, train_report = tokenized_split(settings.train_corpus, tokenizer, settings)
