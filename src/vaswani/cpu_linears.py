@@ -40,6 +40,27 @@ def can_prepack() -> bool:
     return True
 
 
+#: A weight prepacked for oneDNN (:func:`prepack`) and its bias.
+Packed = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def prepack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (``[out, in]``) reordered once into oneDNN's blocked layout for :func:`product`."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def product(x: torch.Tensor, packed: Packed, activation: str = "none") -> torch.Tensor:
+    """``activation(x Wᵀ + b)`` for the rows of ``x`` (``"none"`` or ``"relu"``, applied inside the product)."""
+    weight, bias = packed
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "")
+
+
+def product_plus(x: torch.Tensor, packed: Packed, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + x Wᵀ + b``, the residual added inside the product."""
+    weight, bias = packed
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+
+
 class PackedLinear(nn.Linear):
     """An ``nn.Linear`` (the same parameters: saved, tied and trained as before) that, when no gradient is
     wanted, multiplies float32 CPU inputs with a copy of its weight prepacked for oneDNN. The copy is made on
@@ -53,11 +74,10 @@ class PackedLinear(nn.Linear):
             return super().forward(x)
         key = (weight.data_ptr(), weight._version)
         if getattr(self, "_packed_key", None) != key:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+            self._packed = prepack(weight)
             self._packed_key = key
         bias = None if self.bias is None else self.bias.detach()
-        rows = x.reshape(-1, self.in_features)
-        y = torch.ops.mkldnn._linear_pointwise(rows, self._packed, bias, "none", [], "")
+        y = product(x.reshape(-1, self.in_features), (self._packed, bias))
         return y.view(*x.shape[:-1], self.out_features)
 
     @classmethod

@@ -24,13 +24,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .cpu_linears import PackedLinear, can_prepack
+from .cpu_linears import Packed, PackedLinear, can_prepack, prepack, product, product_plus
 from .modeling import AddNorm, DecoderLayer
 
 #: Attention implementations whose masks ``F.scaled_dot_product_attention`` reads as they are (boolean or additive).
 FUSABLE_ATTENTION = ("eager", "sdpa")
-
-Packed = tuple[torch.Tensor, torch.Tensor | None]
 
 
 def pack(*linears: nn.Linear) -> Packed:
@@ -38,19 +36,7 @@ def pack(*linears: nn.Linear) -> Packed:
     biases (None where they have none)."""
     weight = torch.cat([linear.weight.detach() for linear in linears])
     bias = None if linears[0].bias is None else torch.cat([linear.bias.detach() for linear in linears])
-    return torch.ops.mkldnn._reorder_linear_weight(weight, None), bias
-
-
-def product(x: torch.Tensor, packed: Packed, activation: str = "none") -> torch.Tensor:
-    """``activation(x Wᵀ + b)`` for the rows of ``x`` (``"none"`` or ``"relu"``, applied inside the product)."""
-    weight, bias = packed
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "")
-
-
-def product_plus(x: torch.Tensor, packed: Packed, residual: torch.Tensor) -> torch.Tensor:
-    """``residual + x Wᵀ + b``, the residual added inside the product."""
-    weight, bias = packed
-    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+    return prepack(weight), bias
 
 
 @dataclass
