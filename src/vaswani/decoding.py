@@ -68,17 +68,20 @@ class SentenceLengthLimit(LogitsProcessor):
             self.prompt_length = input_ids.shape[1]
         generated = input_ids.shape[1] - self.prompt_length
         limits = self.limits.to(scores.device).repeat_interleave(scores.shape[0] // self.limits.shape[0])
-        return force_eos_at_limits(scores, generated, limits, self.eos_token_id)
+        if not bool((generated + 1 >= limits).any()):
+            return scores
+        return force_eos_at_limits(scores.clone(), generated, limits, self.eos_token_id)
 
 
 def force_eos_at_limits(scores: torch.Tensor, generated: int, limits: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """Rows whose next token is the last their limit allows (``limits``, one per row) keep only ``</s>``'s score."""
-    last_step = generated + 1 >= limits
-    if not bool(last_step.any()):
-        return scores
-    only_eos = torch.full_like(scores, -math.inf)  # </s> keeps its own score, as in fairseq
-    only_eos[:, eos_token_id] = scores[:, eos_token_id]
-    return torch.where(last_step[:, None], only_eos, scores)
+    """Rows whose next token is the last their limit allows (``limits``, one per row) keep only ``</s>``'s score
+    (in place, so that only those rows are written; returns ``scores``)."""
+    last_step = (generated + 1 >= limits).nonzero()[:, 0]
+    if last_step.numel():
+        eos_scores = scores[last_step, eos_token_id]
+        scores[last_step] = -math.inf
+        scores[last_step, eos_token_id] = eos_scores  # </s> keeps its own score, as in fairseq
+    return scores
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -223,7 +226,7 @@ class IncrementalDecoder:
         self.steps = steps  # positions the buffers hold
         self.step = 0  # positions computed so far
         self.sentences = encoder_states.shape[0]
-        self.encoder_states = encoder_states
+        self.encoder_states = encoder_states.clone()  # rows are moved in place when sentences leave
         self.source_mask = source_mask
         self.cross = [
             SourceKeysValues(*(attn.split_heads(linear(encoder_states)) for linear in (attn.k_proj, attn.v_proj)))
@@ -294,18 +297,37 @@ class IncrementalDecoder:
         ancestry = self.ancestry.view(-1, self.steps)[rows]
         if sentences is not None:
             self.sentences = sentences.numel()
-            # The sentences before the first that left stay where they are; only those after it move up.
-            stays = sentences == torch.arange(self.sentences, device=sentences.device)
-            moved = self.sentences if bool(stays.all()) else int(stays.long().argmin())
-            for buffers in self.self_cache:
-                for buffer in buffers:
-                    buffer[moved : self.sentences, :, : self.step] = buffer[sentences[moved:], :, : self.step]
+            # Only the sentences that change rows are copied: with the order of :func:`survivors`, those that
+            # take the place of sentences that left.
+            moved = (sentences != torch.arange(self.sentences, device=sentences.device)).nonzero()[:, 0]
+            origins = sentences[moved]
+            for buffer in (buffer for buffers in self.self_cache for buffer in buffers):
+                buffer[moved, :, : self.step] = buffer[origins, :, : self.step]
             for layer in self.cross:
-                layer.keys, layer.values = layer.keys[sentences], layer.values[sentences]
-            self.encoder_states = self.encoder_states[sentences]
+                layer.keys, layer.values = (
+                    _move_rows(tensor, moved, origins, self.sentences) for tensor in (layer.keys, layer.values)
+                )
+            self.encoder_states = _move_rows(self.encoder_states, moved, origins, self.sentences)
             self.source_mask = None if self.source_mask is None else self.source_mask[sentences]
             self.cross_mask = self._cross_attention_mask()
         self.ancestry = ancestry.view(self.sentences, self.beams, self.steps)
+
+
+def _move_rows(tensor: torch.Tensor, moved: torch.Tensor, origins: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` rows of ``tensor`` after copying its rows ``origins`` to rows ``moved`` (in place)."""
+    if moved.numel():
+        tensor[moved] = tensor[origins]
+    return tensor[:count]
+
+
+def survivors(going: torch.Tensor) -> torch.Tensor:
+    """The sentences that stay (``going``: one boolean per sentence), in an order that moves few rows: of the
+    first n rows (n = how many stay), those that stay keep their place, and the others' places are taken by the
+    sentences that stay from beyond row n."""
+    stay = int(going.sum())
+    order = torch.arange(stay, device=going.device)
+    order[~going[:stay]] = going[stay:].nonzero()[:, 0] + stay
+    return order
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -474,7 +496,7 @@ def beam_search(
             break
         rows = parents + torch.arange(0, b * k, k, device=parents.device)[:, None]
         if bool(done.any()):
-            going = (~done).nonzero()[:, 0]
+            going = survivors(~done)
             beams = beams.keep(going)
             decoder.select(rows[going].view(-1), going)
         else:
@@ -521,7 +543,7 @@ def greedy_search(
         if cur_len + 1 >= max_length or not bool(going.any()):
             break
         if not bool(going.all()):
-            rows = going.nonzero()[:, 0]
+            rows = survivors(going)
             active = active[rows]
             decoder.select(rows, rows)
     return output[:, : cur_len + 1]
