@@ -134,12 +134,12 @@ def main(argv: list[str] | None = None) -> None:
     columns = []
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
-        translate(model, tokenizer, sentences, **DECODING)  # warm-up
+        translate(model, tokenizer, sentences, max_tokens=args.max_tokens, **DECODING)  # warm-up
         passes = []
         for _ in range(args.repeats):
             timer.seconds.clear()
             start = time.perf_counter()
-            translate(model, tokenizer, sentences, **DECODING)
+            translate(model, tokenizer, sentences, max_tokens=args.max_tokens, **DECODING)
             wall = time.perf_counter() - start
             seconds = own_seconds(dict(timer.seconds))  # the parts do not overlap
             seconds[REST] = wall - sum(seconds.values())
