@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +208,7 @@ def translate_ctranslate2(
         return outputs
 
     return translate_with(
-        decode, tokenizer, sentences, max_tokens=max_tokens, max_input_tokens=max_input_tokens, progress=progress,
-        warn=warn,
+        partial(map, decode), tokenizer, sentences, max_tokens=max_tokens, max_input_tokens=max_input_tokens,
+        progress=progress, warn=warn,
     )
 

@@ -29,6 +29,7 @@ transformers.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from functools import partial
 
@@ -73,9 +74,11 @@ class SentenceLengthLimit(LogitsProcessor):
         return force_eos_at_limits(scores.clone(), generated, limits, self.eos_token_id)
 
 
-def force_eos_at_limits(scores: torch.Tensor, generated: int, limits: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+def force_eos_at_limits(
+    scores: torch.Tensor, generated: int | torch.Tensor, limits: torch.Tensor, eos_token_id: int
+) -> torch.Tensor:
     """Rows whose next token is the last their limit allows (``limits``, one per row) keep only ``</s>``'s score
-    (in place, so that only those rows are written; returns ``scores``)."""
+    (in place; returns ``scores``)."""
     last_step = (generated + 1 >= limits).nonzero()[:, 0]
     if last_step.numel():
         eos_scores = scores[last_step, eos_token_id]
@@ -265,6 +268,11 @@ class IncrementalDecoder:
         At the first position all beams of a sentence hold the same prefix (the start token): it is computed
         once per sentence and shared (CTranslate2 does the same on CPUs), its keys and values written to every
         beam slot."""
+        return next_token_logits_of([self], [tokens])
+
+    def begin_step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A decoder layer's inputs for the next position: ``(hidden states [sentences, queries, d_model],
+        self-attention mask, encoder output, encoder-decoder mask, cache)``, queries 1 at the first position."""
         decoder = self.decoder
         queries = 1 if self.step == 0 else self.beams
         tokens = tokens.view(self.sentences, self.beams)[:, :queries].reshape(-1, 1)
@@ -272,11 +280,13 @@ class IncrementalDecoder:
         self.ancestry[:, :, self.step] = self.slots
         self_mask = self._self_attention_mask()[:, :, :queries]
         cross_mask = None if self.cross_mask is None else self.cross_mask[:, :, :queries]
-        for layer in decoder.layers:
-            hidden = layer(hidden, self_mask, self.encoder_states, cross_mask, cache=self.cache)
-        hidden = decoder.final_norm(hidden)
+        return hidden, self_mask, self.encoder_states, cross_mask, self.cache
+
+    def end_step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits for the last layer's ``hidden`` states of this decoder's rows (``[sentences, queries, vocab]``
+        made ``[sentences · beams, vocab]``)."""
         self.step += 1
-        return self.lm_head(hidden).float().expand(-1, self.beams, -1).flatten(0, 1)
+        return hidden.float().expand(-1, self.beams, -1).flatten(0, 1)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new position's keys and values (``[sentences, heads, beams or 1, d_k]``) into layer
@@ -320,6 +330,30 @@ def _move_rows(tensor: torch.Tensor, moved: torch.Tensor, origins: torch.Tensor,
     return tensor[:count]
 
 
+def next_token_logits_of(decoders: list[IncrementalDecoder], tokens: list[torch.Tensor]) -> torch.Tensor:
+    """The next-token logits of several decoders of one model (each its own batch at its own position), their rows
+    one after the other. A layer that has ``forward_segments`` (:class:`~vaswani.fused_decoder.FusedDecoderLayer`)
+    computes its products over the rows of all and attention for each; others run each batch in turn. The final
+    LayerNorm and the output layer run over all rows at once (continuous batching, :func:`beam_search_stream`)."""
+    segments = [decoder.begin_step(step_tokens) for decoder, step_tokens in zip(decoders, tokens)]
+    model_decoder = decoders[0].decoder
+    for layer in model_decoder.layers:
+        if len(segments) > 1 and hasattr(layer, "forward_segments"):
+            hiddens = layer.forward_segments(segments)
+        else:
+            hiddens = [layer(hidden, *rest[:3], cache=rest[3]) for hidden, *rest in segments]
+        segments = [(hidden, *rest) for hidden, (_, *rest) in zip(hiddens, segments)]
+    hiddens = [hidden for hidden, *_ in segments]
+    rows = [hidden.shape[0] * hidden.shape[1] for hidden in hiddens]
+    joined = hiddens[0].flatten(0, 1) if len(hiddens) == 1 else torch.cat([h.flatten(0, 1) for h in hiddens])
+    logits = decoders[0].lm_head(model_decoder.final_norm(joined))
+    parts = [
+        decoder.end_step(part.view(hidden.shape[0], hidden.shape[1], -1))
+        for decoder, hidden, part in zip(decoders, hiddens, logits.split(rows))
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def survivors(going: torch.Tensor) -> torch.Tensor:
     """The sentences that stay (``going``: one boolean per sentence), in an order that moves few rows: of the
     first n rows (n = how many stay), those that stay keep their place, and the others' places are taken by the
@@ -328,6 +362,16 @@ def survivors(going: torch.Tensor) -> torch.Tensor:
     order = torch.arange(stay, device=going.device)
     order[~going[:stay]] = going[stay:].nonzero()[:, 0] + stay
     return order
+
+
+def _pad(tensor: torch.Tensor, dim: int, size: int, fill: int = 0) -> torch.Tensor:
+    """``tensor`` with dimension ``dim`` filled up to ``size`` with ``fill``."""
+    missing = size - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat((tensor, tensor.new_full(shape, fill)), dim=dim)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -339,7 +383,12 @@ def survivors(going: torch.Tensor) -> torch.Tensor:
 class Beams:
     """transformers' beam-search state for the sentences still being searched (first dimension: sentences)."""
 
-    sentences: torch.Tensor  # [b] each one's index in the batch
+    request: torch.Tensor  # [b] which request (generate() call or batch of a stream) each sentence is from
+    row: torch.Tensor  # [b] its row there
+    generated: torch.Tensor  # [b] tokens generated so far
+    max_new: torch.Tensor  # [b] its request's max_length less the prompt: all hypotheses end there
+    limits: torch.Tensor  # [b] its own limit: the last token it may generate must be </s> (SentenceLengthLimit)
+    least: torch.Tensor  # [b] tokens it must generate before </s> may come (min_length, min_new_tokens)
     running: torch.Tensor  # [b, k, max_length] tokens of the running hypotheses, start token first
     running_scores: torch.Tensor  # [b, k] their log-probabilities
     finished: torch.Tensor  # [b, k, max_length] the best finished hypotheses so far, best first
@@ -349,15 +398,24 @@ class Beams:
     improvable: torch.Tensor  # [b, 1] transformers' "early-stop heuristic unsatisfied"
 
     @classmethod
-    def start(cls, prompts: torch.Tensor, beams: int, max_length: int, fill: int) -> Beams:
-        """Every beam holds the prompt; only beam 0 is live (the others start at NEG, as in transformers)."""
+    def start(cls, request: SearchRequest, index: int, beams: int, fill: int) -> Beams:
+        """The request's sentences: every beam holds the prompt; only beam 0 is live (the others start at NEG,
+        as in transformers)."""
+        prompts, max_length = request.input_ids, request.generation_config.max_length
         batch, device = prompts.shape[0] // beams, prompts.device
         running = torch.full((batch, beams, max_length), fill, dtype=torch.long, device=device)
         running[:, :, : prompts.shape[1]] = prompts.view(batch, beams, -1)
         running_scores = torch.zeros(batch, beams, device=device)
         running_scores[:, 1:] = NEG
+        max_new = max_length - prompts.shape[1]
+        limits, least = _length_bounds(request.logits_processor, prompts.shape[1], batch, max_new)
         return cls(
-            sentences=torch.arange(batch, device=device),
+            request=torch.full((batch,), index, device=device),
+            row=torch.arange(batch, device=device),
+            generated=torch.zeros(batch, dtype=torch.long, device=device),
+            max_new=torch.full((batch,), max_new, device=device),
+            limits=limits.to(device),
+            least=least.to(device),
             running=running,
             running_scores=running_scores,
             finished=running.clone(),
@@ -370,10 +428,49 @@ class Beams:
     def keep(self, sentences: torch.Tensor) -> Beams:
         return Beams(**{field.name: getattr(self, field.name)[sentences] for field in fields(self)})
 
+    def join(self, other: Beams, fill: int) -> Beams:
+        """These sentences and ``other``'s, one after the other (hypotheses padded with ``fill`` to one width)."""
+        width = max(self.running.shape[2], other.running.shape[2])
+        return Beams(**{
+            field.name: torch.cat([
+                _pad(getattr(beams, field.name), 2, width, fill) if field.name in ("running", "finished")
+                else getattr(beams, field.name) for beams in (self, other)
+            ]) for field in fields(self)
+        })
 
-def length_penalty(length: int, alpha: float, kind: str) -> float:
-    """lp(Y): transformers' |Y|^α (``"hf"``) or GNMT's ((5 + |Y|) / 6)^α (``"gnmt"``, Wu et al. 2016, Eq. 14)."""
-    return gnmt_length_penalty(length, alpha) if kind == "gnmt" else length**alpha
+
+def _length_bounds(
+    processors: LogitsProcessorList, prompt: int, sentences: int, max_new: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sentence's limit (its last allowed token must be ``</s>``; ``max_new + 1``, never reached, without a
+    :class:`SentenceLengthLimit`) and the tokens it must generate before ``</s>`` (``min_length`` /
+    ``min_new_tokens``): what the supported logits processors do, as numbers per sentence."""
+    limits = torch.full((sentences,), max_new + 1)
+    for processor in processors:
+        if isinstance(processor, SentenceLengthLimit):
+            limits = torch.minimum(limits, processor.limits.cpu())
+    least = max((_new_tokens_before_eos(processor, prompt) for processor in processors), default=0)
+    return limits, torch.full((sentences,), least)
+
+
+def _apply_bounds(
+    scores: torch.Tensor, generated: int | torch.Tensor, limits: torch.Tensor, least: torch.Tensor, eos: int
+) -> torch.Tensor:
+    """The scores (``[rows, vocab]``, changed in place) with ``</s>`` ruled out (-inf) in rows that have not yet
+    generated their ``least`` tokens and forced in rows at their limit, as transformers' processors and
+    :class:`SentenceLengthLimit` do (``generated``, ``limits`` and ``least``: per row, or ``generated`` for all)."""
+    too_short = generated < least
+    if bool(too_short.any()):
+        scores[:, eos].masked_fill_(too_short, -math.inf)
+    return force_eos_at_limits(scores, generated, limits, eos)
+
+
+def length_penalty(length: torch.Tensor, alpha: float, kind: str) -> torch.Tensor:
+    """lp(Y) per sentence (``length``: |Y|, a tensor): transformers' |Y|^α (``"hf"``) or GNMT's ((5 + |Y|) / 6)^α
+    (``"gnmt"``, Wu et al. 2016, Eq. 14), in float64 and then float32, so that dividing by it gives what dividing
+    by the Python number gives."""
+    length = length.double()
+    return (gnmt_length_penalty(length, alpha) if kind == "gnmt" else length**alpha).float()
 
 
 #: Columns per block in :func:`top_k_per_row`.
@@ -407,9 +504,7 @@ def _take(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(tensor, indices.view(*indices.shape, *(1,) * (tensor.dim() - 2)), dim=1)
 
 
-def _beam_step(
-    beams: Beams, log_probs: torch.Tensor, cur_len: int, generated: int, max_length: int, eos: int, lp, early_stopping
-) -> torch.Tensor:
+def _beam_step(beams: Beams, log_probs: torch.Tensor, prompt: int, eos: int, lp, early_stopping) -> torch.Tensor:
     """One step of transformers' beam search on ``beams`` (updated in place) given the next-token log-probs
     (``[b·k, vocab]``); returns the running beam each new running beam extends (``[b, k]``)."""
     b, k = beams.running_scores.shape
@@ -421,8 +516,9 @@ def _beam_step(
     top_scores, top_indices = torch.topk(scores, 2 * k)
     top_beams, top_tokens = top_indices // per_beam, beam_best_tokens.view(b, k * per_beam).gather(1, top_indices)
     candidates = _take(beams.running, top_beams)
-    candidates[:, :, cur_len] = top_tokens
-    ended = (top_tokens == eos) | (cur_len + 1 >= max_length)
+    column = (prompt + beams.generated).view(b, 1, 1).expand(b, 2 * k, 1)
+    candidates.scatter_(2, column, top_tokens[:, :, None])
+    ended = (top_tokens == eos) | (beams.generated + 1 >= beams.max_new)[:, None]
 
     # The best k candidates that did not end keep running.
     running_scores = top_scores + ended.to(torch.float32) * NEG
@@ -432,7 +528,7 @@ def _beam_step(
     # Candidates among the top k that ended join the finished hypotheses if they beat the worst of them, unless
     # the sentence is already done (transformers' _update_finished_beams).
     just_finished = ended & (torch.arange(2 * k, device=ended.device) < k)
-    final_scores = top_scores / lp(generated + 1)
+    final_scores = top_scores / lp(beams.generated + 1)[:, None]
     full = beams.is_finished.all(-1, keepdim=True) & (early_stopping is True)
     final_scores += full.to(torch.float32) * NEG
     final_scores += (~beams.improvable).to(torch.float32) * NEG
@@ -441,29 +537,60 @@ def _beam_step(
     kept = torch.topk(merged_scores, k)[1]
     beams.finished = _take(torch.cat((beams.finished, candidates), dim=1), kept)
     beams.finished_scores = _take(merged_scores, kept)
-    lengths = torch.full_like(top_beams, generated + 1)
+    lengths = (beams.generated + 1)[:, None].expand_as(top_beams)
     beams.finished_lengths = _take(torch.cat((beams.finished_lengths, lengths), dim=1), kept)
     beams.is_finished = _take(torch.cat((beams.is_finished, just_finished), dim=1), kept)
+    beams.generated += 1
     return _take(top_beams, best)
 
 
-def _update_improvable(beams: Beams, generated: int, max_generated: int, alpha: float, lp, early_stopping) -> None:
+def _update_improvable(beams: Beams, alpha: float, lp, early_stopping) -> None:
     """transformers' early-stop heuristic: can the best running beam still beat the worst finished hypothesis?
     (With ``early_stopping="never"`` and α > 0 it is scored at the longest length, else at its own.)"""
-    length = max_generated if early_stopping == "never" and alpha > 0.0 else generated
-    best_running = beams.running_scores[:, :1] / lp(length)
+    length = beams.max_new if early_stopping == "never" and alpha > 0.0 else beams.generated
+    best_running = beams.running_scores[:, :1] / lp(length)[:, None]
     worst_finished = torch.where(beams.is_finished, beams.finished_scores.min(1, keepdim=True)[0], NEG)
     beams.improvable = beams.improvable & (best_running > worst_finished).any(-1, keepdim=True)
 
 
 def _sentence_done(beams: Beams, early_stopping) -> torch.Tensor:
-    """Sentences whose finished hypotheses can no longer change: no running beam can improve on them, or
-    (``early_stopping=True``) there are k of them."""
-    return ~beams.improvable[:, 0] | (beams.is_finished.all(-1) & (early_stopping is True))
+    """Sentences whose finished hypotheses can no longer change: no running beam can improve on them,
+    (``early_stopping=True``) there are k of them, or the request's length is reached."""
+    done = ~beams.improvable[:, 0] | (beams.generated >= beams.max_new)
+    return done | (beams.is_finished.all(-1) & (early_stopping is True))
 
 
-@torch.inference_mode(False)  # autocast caches its bf16/fp16 weights only outside inference mode
-@torch.no_grad()
+@dataclass
+class SearchRequest:
+    """A batch as ``generate()`` prepared it for beam search (the arguments of :func:`beam_search`), to be
+    searched later, together with other batches (:func:`beam_search_stream`)."""
+
+    input_ids: torch.Tensor
+    logits_processor: LogitsProcessorList
+    generation_config: GenerationConfig
+    model_kwargs: dict
+    length_penalty_type: str
+
+    def settings(self) -> tuple:
+        """What must be the same for requests searched together: beams, prompt length, ``</s>``, the fill
+        value, α, the length penalty's form and ``early_stopping``."""
+        config = self.generation_config
+        return (config.num_beams, self.input_ids.shape[1], int(config._eos_token_tensor.view(-1)[0]),
+                _beam_fill_value(config), config.length_penalty, self.length_penalty_type, config.early_stopping)
+
+
+@dataclass
+class _Output:
+    """A request's best hypotheses, filled in as its sentences are done."""
+
+    tokens: torch.Tensor  # [sentences, max_length]
+    lengths: torch.Tensor  # [sentences] generated tokens
+    left: int  # sentences not yet done
+
+    def result(self, prompt: int) -> torch.LongTensor:
+        return self.tokens[:, : prompt + int(self.lengths.max())]
+
+
 def beam_search(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -474,34 +601,94 @@ def beam_search(
 ) -> torch.LongTensor:
     """Beam search (§6.1) for ``generate()``'s prepared request (``input_ids``: the start token per sentence ×
     beam); returns the best hypothesis per sentence, as transformers' beam search does."""
-    config = generation_config
-    k, max_length, prompt = config.num_beams, config.max_length, input_ids.shape[1]
-    eos, fill = int(config._eos_token_tensor.view(-1)[0]), _beam_fill_value(config)
-    alpha, early_stopping = config.length_penalty, config.early_stopping
-    lp = partial(length_penalty, alpha=alpha, kind=length_penalty_type)
-    decoder = _start_decoder(model, model_kwargs, k, max_length - prompt)
-    beams = Beams.start(input_ids, k, max_length, fill)
-    best = beams.finished[:, 0].clone()
-    best_lengths = beams.finished_lengths[:, 0].clone()
-    for cur_len in range(prompt, max_length):
-        generated, b = cur_len - prompt, beams.sentences.numel()
-        log_probs = F.log_softmax(decoder.next_token_logits(beams.running[:, :, cur_len - 1].reshape(-1)), dim=-1)
-        log_probs = _process(logits_processor, log_probs, generated, prompt, beams.sentences, k)
-        parents = _beam_step(beams, log_probs, cur_len, generated, max_length, eos, lp, early_stopping)
-        _update_improvable(beams, generated + 1, max_length - prompt, alpha, lp, early_stopping)
-        done = _sentence_done(beams, early_stopping) | (cur_len + 1 >= max_length)
-        best[beams.sentences[done]] = beams.finished[done, 0]
-        best_lengths[beams.sentences[done]] = beams.finished_lengths[done, 0]
-        if bool(done.all()):
-            break
-        rows = parents + torch.arange(0, b * k, k, device=parents.device)[:, None]
+    request = SearchRequest(input_ids, logits_processor, generation_config, model_kwargs, length_penalty_type)
+    return next(beam_search_stream(model, [request]))
+
+
+#: :func:`beam_search_stream` takes in the next request when fewer sentences than this fraction of the last
+#: request's are still being searched.
+REFILL_BELOW = 0.25
+
+
+@torch.inference_mode(False)  # autocast caches its bf16/fp16 weights only outside inference mode
+@torch.no_grad()
+def beam_search_stream(
+    model: nn.Module, requests: Iterable[SearchRequest], refill_below: float = REFILL_BELOW
+) -> Iterator[torch.LongTensor]:
+    """Beam search over a stream of requests with continuous batching; yields each request's result, in order.
+
+    A batch's sentences end at different steps, and its last steps decode a few long ones, where a step's
+    fixed cost (reading every weight, Python, the beam step) is shared by few hypotheses. Here the next request's
+    sentences join the search as soon as fewer than ``refill_below`` × the last request's sentences are left. Each
+    request keeps its own :class:`IncrementalDecoder` (its own position, caches and attention), and a step runs
+    the products of all of them together (:func:`next_token_logits_of`) and one beam step over all sentences. A
+    sentence's search does not depend on the others in the batch: the results are what :func:`beam_search` gives
+    for each request alone.
+    """
+    requests = iter(requests)
+    pending = next(requests, None)
+    if pending is None:
+        return
+    settings = pending.settings()
+    k, prompt, eos, fill, alpha, penalty_type, early_stopping = settings
+    lp = partial(length_penalty, alpha=alpha, kind=penalty_type)
+    cohorts: list[IncrementalDecoder] = []  # one per request still being searched; beams' rows in this order
+    beams: Beams | None = None
+    outputs: list[_Output | None] = []
+    delivered = last_size = 0
+    while True:
+        while pending is not None and (beams is None or beams.request.numel() < refill_below * last_size):
+            if pending.settings() != settings:
+                raise ValueError(f"requests searched together need the same settings: {pending.settings()} after "
+                                 f"{settings}")
+            joining = Beams.start(pending, len(outputs), k, fill)
+            cohorts.append(_start_decoder(model, pending.model_kwargs, k, int(joining.max_new[0])))
+            beams = joining if beams is None else beams.join(joining, fill)
+            last_size = joining.request.numel()
+            outputs.append(_Output(joining.finished[:, 0].clone(), torch.zeros_like(joining.row), last_size))
+            pending = next(requests, None)
+        if beams is None:
+            return
+        b, sizes = beams.request.numel(), [cohort.sentences for cohort in cohorts]
+        last_tokens = beams.running.gather(2, (prompt - 1 + beams.generated).view(b, 1, 1).expand(b, k, 1))
+        logits = next_token_logits_of(cohorts, [tokens.reshape(-1) for tokens in last_tokens.split(sizes)])
+        log_probs = F.log_softmax(logits, dim=-1)
+        rows_of = partial(torch.repeat_interleave, repeats=k)
+        log_probs = _apply_bounds(log_probs, rows_of(beams.generated), rows_of(beams.limits), rows_of(beams.least), eos)
+        parents = _beam_step(beams, log_probs, prompt, eos, lp, early_stopping)
+        _update_improvable(beams, alpha, lp, early_stopping)
+        done = _sentence_done(beams, early_stopping)
         if bool(done.any()):
-            going = survivors(~done)
-            beams = beams.keep(going)
-            decoder.select(rows[going].view(-1), going)
-        else:
-            decoder.select(rows.view(-1))
-    return best[:, : prompt + int(best_lengths.max())]
+            _deliver(beams, done, outputs)
+        kept, offset = [], 0
+        for cohort, cohort_parents, cohort_done in zip(cohorts, parents.split(sizes), done.split(sizes)):
+            rows = cohort_parents + torch.arange(0, cohort.sentences * k, k, device=parents.device)[:, None]
+            going = survivors(~cohort_done)
+            if going.numel() < cohort.sentences:
+                cohort.select(rows[going].view(-1), going)
+            else:
+                cohort.select(rows.view(-1))
+            kept.append(going + offset)
+            offset += cohort_done.numel()
+        if bool(done.any()):
+            order = torch.cat(kept)
+            beams = beams.keep(order) if order.numel() else None
+            cohorts = [cohort for cohort in cohorts if cohort.sentences]
+        while delivered < len(outputs) and outputs[delivered].left == 0:
+            yield outputs[delivered].result(prompt)
+            outputs[delivered] = None  # delivered: its memory can go
+            delivered += 1
+
+
+def _deliver(beams: Beams, done: torch.Tensor, outputs: list[_Output | None]) -> None:
+    """Copy the best finished hypothesis of each sentence that is ``done`` to its request's output."""
+    for index in beams.request[done].unique().tolist():
+        ours = done & (beams.request == index)
+        output = outputs[index]
+        rows = beams.row[ours]
+        output.tokens[rows] = beams.finished[ours, 0, : output.tokens.shape[1]]
+        output.lengths[rows] = beams.finished_lengths[ours, 0]
+        output.left -= rows.numel()
 
 
 def _beam_fill_value(config: GenerationConfig) -> int:
@@ -531,13 +718,15 @@ def greedy_search(
     max_length, prompt = config.max_length, input_ids.shape[1]
     eos, pad = int(config._eos_token_tensor.view(-1)[0]), int(config._pad_token_tensor)
     decoder = _start_decoder(model, model_kwargs, 1, max_length - prompt)
+    limits, least = (bound.to(input_ids.device) for bound in _length_bounds(
+        logits_processor, prompt, input_ids.shape[0], max_length - prompt
+    ))
     output = torch.full((input_ids.shape[0], max_length), pad, dtype=torch.long, device=input_ids.device)
     output[:, :prompt] = input_ids
     active = torch.arange(input_ids.shape[0], device=input_ids.device)
     for cur_len in range(prompt, max_length):
         logits = decoder.next_token_logits(output[active, cur_len - 1])
-        scores = _process(logits_processor, logits, cur_len - prompt, prompt, active, 1)
-        tokens = scores.argmax(-1)
+        tokens = _apply_bounds(logits, cur_len - prompt, limits[active], least[active], eos).argmax(-1)
         output[active, cur_len] = tokens
         going = tokens != eos
         if cur_len + 1 >= max_length or not bool(going.any()):
@@ -555,23 +744,3 @@ def _start_decoder(model: nn.Module, model_kwargs: dict, beams: int, steps: int)
     encoder_states = model_kwargs["encoder_outputs"].last_hidden_state[::beams]
     mask = model_kwargs.get("attention_mask")
     return IncrementalDecoder(model, encoder_states, None if mask is None else mask[::beams], beams, steps)
-
-
-def _process(
-    processors: LogitsProcessorList,
-    scores: torch.Tensor,
-    generated: int,
-    prompt: int,
-    sentences: torch.Tensor,
-    beams: int,
-) -> torch.Tensor:
-    """Apply the (supported) logits processors to the scores (a fresh tensor, changed in place) of the rows of
-    the sentences still in the batch: ``</s>`` is ruled out (-inf) before the minimum length, as transformers'
-    processors do, and forced at a sentence's own limit."""
-    for processor in processors:
-        if isinstance(processor, SentenceLengthLimit):
-            limits = processor.limits.to(scores.device)[sentences].repeat_interleave(beams)
-            scores = force_eos_at_limits(scores, generated, limits, processor.eos_token_id)
-        elif generated < _new_tokens_before_eos(processor, prompt):
-            scores[:, processor.eos_token_id.to(scores.device)] = -math.inf
-    return scores

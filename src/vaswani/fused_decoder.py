@@ -27,6 +27,10 @@ from torch.nn import functional as F
 from .cpu_linears import Packed, PackedLinear, can_prepack, prepack, product, product_plus
 from .modeling import AddNorm, DecoderLayer
 
+#: One batch's inputs to a decoder layer: hidden states, self-attention mask, encoder output, encoder-decoder mask,
+#: cache (what :meth:`vaswani.decoding.IncrementalDecoder.begin_step` returns).
+Segment = tuple
+
 #: Attention implementations whose masks ``F.scaled_dot_product_attention`` reads as they are (boolean or additive).
 FUSABLE_ATTENTION = ("eager", "sdpa")
 
@@ -90,6 +94,11 @@ def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask
     return heads.transpose(1, 2).flatten(0, 1).flatten(1)
 
 
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The parts one after the other (the one part itself, not a copy)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _residual(add_norm: AddNorm, residual: torch.Tensor, attended: torch.Tensor, packed: Packed) -> torch.Tensor:
     """Add & Norm (§3.1) around a sub-layer whose last product is ``packed``, applied to ``attended``."""
     x = product_plus(attended, packed, residual)
@@ -114,20 +123,47 @@ class FusedDecoderLayer(DecoderLayer):
             return super().forward(
                 hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache=cache, **kwargs
             )
-        batch, length, d_model = hidden_states.shape
-        heads, d_k = self.self_attn.num_heads, self.self_attn.head_dim
-        x = hidden_states.reshape(-1, d_model)
+        return self._fused_forward(weights, [(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                      cache)])[0]
 
-        qkv = product(self.self_attn_add_norm.sublayer_input(x), weights.self_qkv).view(batch, length, 3, heads, d_k)
-        query, key, value = (qkv[:, :, part].transpose(1, 2) for part in range(3))
-        keys, values = cache.self_attention_cache.update(key, value, self.self_attn.layer_idx)
-        x = _residual(self.self_attn_add_norm, x, _attention(query, keys, values, attention_mask), weights.self_out)
+    def forward_segments(self, segments: list[Segment]) -> list[torch.Tensor]:
+        """The layer over several batches at once (continuous batching, :func:`vaswani.decoding.next_token_logits_of`):
+        each segment is one batch's ``(hidden states, self-attention mask, encoder output, encoder-decoder mask,
+        cache)``. The products run over the rows of all (each weight is read once), attention within each batch.
+        Returns each batch's output."""
+        weights = [self._fused_weights(segment[0], segment[1], segment[4]) for segment in segments]
+        if any(weight is None for weight in weights):
+            return [self(hidden, self_mask, states, cross_mask, cache=cache)
+                    for hidden, self_mask, states, cross_mask, cache in segments]
+        return self._fused_forward(weights[0], segments)
+
+    def _fused_forward(self, weights: FusedWeights, segments: list[Segment]) -> list[torch.Tensor]:
+        heads, d_k, layer = self.self_attn.num_heads, self.self_attn.head_dim, self.self_attn.layer_idx
+        shapes = [segment[0].shape for segment in segments]
+        rows = [batch * length for batch, length, _ in shapes]
+        x = _joined([segment[0].reshape(-1, shape[-1]) for segment, shape in zip(segments, shapes)])
+
+        def per_batch(projected: torch.Tensor, attend) -> torch.Tensor:
+            """Heads ``[batch, heads, length, ·]`` of each batch's rows of ``projected``, attended by ``attend``."""
+            return _joined([
+                attend(part.view(batch, length, -1, heads, d_k).transpose(1, 3).squeeze(2), segment)
+                for part, (batch, length, _), segment in zip(projected.split(rows), shapes, segments)
+            ])
+
+        def self_attention(qkv: torch.Tensor, segment: Segment) -> torch.Tensor:
+            query, key, value = qkv.unbind(2)
+            keys, values = segment[4].self_attention_cache.update(key, value, layer)
+            return _attention(query, keys, values, segment[1])
+
+        def cross_attention(query: torch.Tensor, segment: Segment) -> torch.Tensor:
+            source = segment[4].cross_attention_cache.layers[layer]
+            return _attention(query, source.keys, source.values, segment[3])
+
+        qkv = product(self.self_attn_add_norm.sublayer_input(x), weights.self_qkv)
+        x = _residual(self.self_attn_add_norm, x, per_batch(qkv, self_attention), weights.self_out)
 
         query = product(self.encoder_attn_add_norm.sublayer_input(x), weights.cross_q)
-        query = query.view(batch, length, heads, d_k).transpose(1, 2)
-        source = cache.cross_attention_cache.layers[self.self_attn.layer_idx]
-        attended = _attention(query, source.keys, source.values, encoder_attention_mask)
-        x = _residual(self.encoder_attn_add_norm, x, attended, weights.cross_out)
+        x = _residual(self.encoder_attn_add_norm, x, per_batch(query, cross_attention), weights.cross_out)
 
         activation = self.feed_forward.activation
         fused_relu = type(activation) is nn.ReLU
@@ -135,7 +171,7 @@ class FusedDecoderLayer(DecoderLayer):
         if not fused_relu:
             inner = activation(inner)
         x = _residual(self.feed_forward_add_norm, x, inner, weights.ffn_out)
-        return x.view(batch, length, d_model)
+        return [part.view(shape) for part, shape in zip(x.split(rows), shapes)]
 
     def _fused_weights(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache

@@ -30,12 +30,23 @@ from __future__ import annotations
 
 import copy
 import weakref
+from collections.abc import Iterable, Iterator
+from itertools import groupby
 
 import torch
 from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList
 from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache
 
-from .decoding import SentenceLengthLimit, beam_search, gnmt_length_penalty, greedy_search, unsupported_options
+from .decoding import (
+    REFILL_BELOW,
+    SearchRequest,
+    SentenceLengthLimit,
+    beam_search,
+    beam_search_stream,
+    gnmt_length_penalty,
+    greedy_search,
+    unsupported_options,
+)
 
 LENGTH_PENALTY_TYPES = ("hf", "gnmt")
 #: ``decoding_loop`` values (``generate()`` argument or generation-config field): ours, when it supports the
@@ -126,6 +137,7 @@ class VaswaniGenerationMixin:
                 f"length_penalty_type={penalty_type!r} is not one of {LENGTH_PENALTY_TYPES}: use 'gnmt' for the "
                 "paper's ((5 + |Y|) / 6)^alpha or 'hf' for transformers' |Y|^alpha."
             )
+        search_later = kwargs.pop("_search_later", False)
         loop = _setting("decoding_loop", kwargs, *configs) or "vaswani"
         if loop not in DECODING_LOOPS:
             raise ValueError(f"decoding_loop={loop!r} is not one of {DECODING_LOOPS}.")
@@ -152,16 +164,37 @@ class VaswaniGenerationMixin:
             logits_processor=logits_processor,
             length_penalty_type=penalty_type,
             decoding_loop=loop,
+            search_later=search_later,
             **kwargs,
         )
 
+    def generate_stream(
+        self, batches: Iterable[dict], refill_below: float = REFILL_BELOW, **kwargs
+    ) -> Iterator[torch.LongTensor]:
+        """``generate(**batch, **kwargs)`` for each batch of model inputs (``input_ids``, ``attention_mask``), in
+        order, with continuous batching: where our beam search serves the request, the sentences of the next
+        batches join the search as those of earlier ones end (:func:`~.decoding.beam_search_stream`), so that the
+        steps stay wide; the tokens are those of one ``generate()`` per batch. Batches are read as needed."""
+        if not all(hasattr(layer, "forward_segments") for layer in self.model.decoder.layers):
+            # Only layers that run several batches' products together (FusedDecoderLayer) gain from joining them.
+            yield from (self.generate(**batch, **kwargs) for batch in batches)
+            return
+        prepared = (self.generate(**batch, **kwargs, _search_later=True) for batch in batches)
+        for later, group in groupby(prepared, key=lambda item: isinstance(item, SearchRequest)):
+            if later:
+                yield from beam_search_stream(self, group, refill_below)
+            else:
+                yield from group
+
     def _prepare_generation_config(self, generation_config: GenerationConfig | None, **kwargs):
-        """transformers' per-call copy of the generation config, carrying this call's ``length_penalty_type`` and
-        ``decoding_loop`` (transformers' own defaults, ``"hf"`` and ``"vaswani"``, when :meth:`generate` did not
-        set them, as for ``GenerationMixin.generate(model, ...)``)."""
+        """transformers' per-call copy of the generation config, carrying this call's ``length_penalty_type``,
+        ``decoding_loop`` and whether :meth:`generate_stream` searches it later (transformers' own defaults,
+        ``"hf"`` and ``"vaswani"``, when :meth:`generate` did not set them, as for
+        ``GenerationMixin.generate(model, ...)``)."""
         settings = {
             "length_penalty_type": kwargs.pop("length_penalty_type", "hf"),
             "decoding_loop": kwargs.pop("decoding_loop", "vaswani"),
+            "search_later": kwargs.pop("search_later", False),
         }
         generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
         for name, value in settings.items():
@@ -180,6 +213,8 @@ class VaswaniGenerationMixin:
         request = (input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
         penalty_type = getattr(generation_config, "length_penalty_type", "hf")
         if self._our_loop_serves(*request, synced_gpus=synced_gpus):
+            if getattr(generation_config, "search_later", False):  # generate_stream searches it with other batches
+                return SearchRequest(input_ids, logits_processor, generation_config, model_kwargs, penalty_type)
             return beam_search(self, input_ids, logits_processor, generation_config, model_kwargs, penalty_type)
         if penalty_type == "gnmt":  # transformers' loop passes length_penalty on to the hooks below
             generation_config = copy.copy(generation_config)

@@ -13,7 +13,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +208,7 @@ def translate(
     max_input_tokens: int | None = None,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
+    continuous_batching: bool = True,
     **generate_kwargs: Any,
 ) -> list[str]:
     """Translate ``sentences``; returns one string per sentence, in input order.
@@ -220,6 +221,9 @@ def translate(
             ``model_max_length``) and reported through ``warn``.
         progress: show a progress bar (sentences) on stderr.
         warn: called with a message for every truncated sentence (default: print to stderr).
+        continuous_batching: for Vaswani models, the sentences of the next batches join the beam search as those
+            of the current ones end (``model.generate_stream``; same translations, wider steps); False runs one
+            ``generate()`` per batch.
         generate_kwargs: passed to ``model.generate`` (``num_beams``, ``max_len_a``, ``max_len_b``,
             ``length_penalty``, ``length_penalty_type``, ...); unset ones come from the generation config.
     """
@@ -228,12 +232,15 @@ def translate(
     check_generate_kwargs(generate_kwargs)
     device = model.device
 
-    def generate(batch: list[list[int]]) -> torch.Tensor:
-        padded = tokenizer.pad({"input_ids": batch}, return_tensors="pt")
-        return model.generate(
-            input_ids=padded["input_ids"].to(device), attention_mask=padded["attention_mask"].to(device),
-            **generate_kwargs,
-        )
+    def padded(batch: list[list[int]]) -> dict[str, torch.Tensor]:
+        inputs = tokenizer.pad({"input_ids": batch}, return_tensors="pt")
+        return {"input_ids": inputs["input_ids"].to(device), "attention_mask": inputs["attention_mask"].to(device)}
+
+    def generate(batches: Iterator[list[list[int]]]) -> Iterator[torch.Tensor]:
+        inputs = map(padded, batches)
+        if continuous_batching and hasattr(model, "generate_stream"):
+            return model.generate_stream(inputs, **generate_kwargs)
+        return (model.generate(**batch, **generate_kwargs) for batch in inputs)
 
     return translate_with(
         generate, tokenizer, sentences, max_tokens=max_tokens, max_input_tokens=max_input_tokens, progress=progress,
@@ -242,7 +249,7 @@ def translate(
 
 
 def translate_with(
-    decode: Callable[[list[list[int]]], Any],
+    decode: Callable[[Iterator[list[list[int]]]], Iterable[Any]],
     tokenizer: Any,
     sentences: Sequence[str],
     *,
@@ -251,8 +258,9 @@ def translate_with(
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """The line handling of :func:`translate` around any decoder: ``decode`` maps one batch of source id lists
-    (``</s>`` included, unpadded) to output id sequences (a list or padded tensor; special tokens are dropped).
+    """The line handling of :func:`translate` around any decoder: ``decode`` maps batches of source id lists
+    (``</s>`` included, unpadded) to each batch's output id sequences, in order (a list or padded tensor per batch;
+    special tokens are dropped), taking the batches as it needs them.
     Blank lines, the input cut at ``max_input_tokens``, the length-sorted ``max_tokens`` batches, the progress bar
     and one output line per input line are the same for every engine."""
     if max_tokens < 1:
@@ -276,8 +284,9 @@ def translate_with(
 
         bar = tqdm(total=len(sentences), unit="sent", file=sys.stderr)
         bar.update(len(sentences) - len(todo))
-    for batch in batches:
-        texts = tokenizer.batch_decode(decode([encoded[i] for i in batch]), skip_special_tokens=True)
+    sources = ([encoded[i] for i in batch] for batch in batches)
+    for batch, output in zip(batches, decode(sources), strict=True):
+        texts = tokenizer.batch_decode(output, skip_special_tokens=True)
         for i, text in zip(batch, texts):
             outputs[todo[i]] = _one_line(text)
         if bar is not None:
