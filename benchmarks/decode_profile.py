@@ -63,7 +63,7 @@ def instrument(model, timer: PartTimer) -> list[str]:
     decoder = decoding.IncrementalDecoder
     decoder.__init__ = timer.wrap("decoder start (encoder-decoder keys and values)", decoder.__init__)
     decoder.select = timer.wrap("cache bookkeeping (re-ranked beams, sentences leaving)", decoder.select)
-    for name in ("_beam_step", "_update_improvable", "_process"):
+    for name in ("_beam_step", "_update_improvable", "_apply_bounds"):
         setattr(decoding, name, timer.wrap("beam-search step (top-k, finished hypotheses)", getattr(decoding, name)))
     decoding.F = type("F", (), {"log_softmax": staticmethod(timer.wrap("log-softmax", torch.log_softmax))})
     encoder = model.model.encoder
@@ -82,6 +82,7 @@ def instrument(model, timer: PartTimer) -> list[str]:
         decoder.update = timer.wrap("decoder layers: self-attention cache writes", decoder.update)
         for layer in layers:
             layer.forward = timer.wrap(NESTED, layer.forward)
+            layer.forward_segments = timer.wrap(NESTED, layer.forward_segments)
         return [*head, "decoder layers: matrix products", "decoder layers: attention (Eq. 1)",
                 "decoder layers: self-attention cache writes", NESTED, *tail]
     for layer in layers:
