@@ -6,8 +6,9 @@ CTranslate2 float32, BLEU, and the share of lines identical to ``vaswani transla
 
 * ``vaswani translate`` (:func:`vaswani.translate.translate`: length-sorted token batches) in float32, bfloat16
   and int8 (:mod:`vaswani.cpu_linears`), with transformers' length-penalty form so that all systems decode the
-  same way, once with the paper's GNMT penalty (the model's default), and once in float32 with the model's own
-  decoder layers instead of :class:`vaswani.fused_decoder.FusedDecoderLayer` (prepacked linear layers only);
+  same way, once with the paper's GNMT penalty (the model's default), once in float32 with one ``generate()``
+  per batch (no continuous batching), and once in float32 with the model's own decoder layers instead of
+  :class:`vaswani.fused_decoder.FusedDecoderLayer` (prepacked linear layers only);
 * transformers' ``MarianMTModel.generate`` on the same weights (``vaswani_to_marian``), float32 and bfloat16, fed
   (a) the same length-sorted batches and (b) batches of 32 sentences in file order, as a plain script would;
 * CTranslate2 (if ``import ctranslate2`` works) on ``vaswani export ctranslate2``'s conversion of the same weights,
@@ -114,6 +115,8 @@ def _systems(args, sources: list[str], folder: Path) -> dict[str, Callable[[], l
     for short, m in models.items():
         systems[f"vaswani translate, {short}"] = lambda m=m: translate(
             m, tokenizer, sources, max_tokens=args.max_tokens, **hf_decoding)
+    systems["vaswani translate, fp32, one generate() per batch (no continuous batching)"] = lambda: translate(
+        model, tokenizer, sources, max_tokens=args.max_tokens, continuous_batching=False, **hf_decoding)
     layer_by_layer = pack_linear_layers(load_translation_model(args.model, fast_linears=False)[0])
     systems["vaswani translate, fp32, decoder layer by layer (no FusedDecoderLayer)"] = lambda: translate(
         layer_by_layer, tokenizer, sources, max_tokens=args.max_tokens, **hf_decoding)

@@ -12,6 +12,9 @@ the batch. This loop computes the same search with less work per step, as fairse
   computed: when the beams are re-ranked, nothing is copied; each hypothesis' query sees the keys of its
   own prefix through a mask (:class:`IncrementalDecoder`).
 * A sentence leaves the batch (its rows, encoder keys and values, caches) as soon as its search is over.
+* Given several batches (:func:`beam_search_stream`, ``model.generate_stream``), the next one joins the search
+  while the last sentences of the earlier ones are still decoded (continuous batching): each batch keeps its own
+  :class:`IncrementalDecoder`, and the products of a step run over the rows of all (:func:`next_token_logits_of`).
 
 The search is transformers' vectorised beam search (``GenerationMixin._beam_search``) step for step: the top
 2k continuations over all beams; those ending in ``</s>`` among the top k become finished hypotheses, scored

@@ -123,8 +123,8 @@ class FusedDecoderLayer(DecoderLayer):
             return super().forward(
                 hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache=cache, **kwargs
             )
-        return self._fused_forward(weights, [(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
-                                      cache)])[0]
+        segment = (hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache)
+        return self._fused_forward(weights, [segment])[0]
 
     def forward_segments(self, segments: list[Segment]) -> list[torch.Tensor]:
         """The layer over several batches at once (continuous batching, :func:`vaswani.decoding.next_token_logits_of`):
