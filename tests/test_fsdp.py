@@ -72,6 +72,7 @@ _SCRIPT = textwrap.dedent("""
     full = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
     if rank == 0:
         torch.save(full, out + "/params.pt")
+    dist.barrier()  # no process tears gloo down while another still uses it (a rare abort at exit otherwise)
     dist.destroy_process_group()
 """)
 
