@@ -661,19 +661,21 @@ def beam_search_stream(
         parents = _beam_step(beams, log_probs, prompt, eos, lp, early_stopping)
         _update_improvable(beams, alpha, lp, early_stopping)
         done = _sentence_done(beams, early_stopping)
-        if bool(done.any()):
+        ended = bool(done.any())
+        if ended:
             _deliver(beams, done, outputs)
         kept, offset = [], 0
         for cohort, cohort_parents, cohort_done in zip(cohorts, parents.split(sizes), done.split(sizes)):
             rows = cohort_parents + torch.arange(0, cohort.sentences * k, k, device=parents.device)[:, None]
-            going = survivors(~cohort_done)
-            if going.numel() < cohort.sentences:
-                cohort.select(rows[going].view(-1), going)
-            else:
+            going = survivors(~cohort_done) if ended else None  # which stay: only worked out when some ended
+            if going is None or going.numel() == cohort_done.numel():
                 cohort.select(rows.view(-1))
-            kept.append(going + offset)
+            else:
+                cohort.select(rows[going].view(-1), going)
+            if ended:
+                kept.append(going + offset)
             offset += cohort_done.numel()
-        if bool(done.any()):
+        if ended:
             order = torch.cat(kept)
             beams = beams.keep(order) if order.numel() else None
             cohorts = [cohort for cohort in cohorts if cohort.sentences]
