@@ -35,6 +35,7 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from functools import partial
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -209,6 +210,16 @@ class BeamSlotCache:
         self.is_updated = dict.fromkeys(range(len(decoder.cross)), True)
 
 
+class Segment(NamedTuple):
+    """One batch's inputs to a decoder layer at one position (:meth:`IncrementalDecoder.begin_step`)."""
+
+    hidden: torch.Tensor  # [sentences, queries, d_model]
+    self_mask: torch.Tensor
+    encoder_states: torch.Tensor
+    cross_mask: torch.Tensor | None
+    cache: BeamSlotCache
+
+
 class IncrementalDecoder:
     """The model's decoder and output layer run one position at a time over sentences × beams, with the
     encoder-decoder keys and values projected once per sentence (fairseq's incremental decoding).
@@ -273,9 +284,8 @@ class IncrementalDecoder:
         beam slot."""
         return next_token_logits_of([self], [tokens])
 
-    def begin_step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """A decoder layer's inputs for the next position: ``(hidden states [sentences, queries, d_model],
-        self-attention mask, encoder output, encoder-decoder mask, cache)``, queries 1 at the first position."""
+    def begin_step(self, tokens: torch.Tensor) -> Segment:
+        """The first decoder layer's inputs for the next position (queries: 1 at the first position, else beams)."""
         decoder = self.decoder
         queries = 1 if self.step == 0 else self.beams
         tokens = tokens.view(self.sentences, self.beams)[:, :queries].reshape(-1, 1)
@@ -283,7 +293,7 @@ class IncrementalDecoder:
         self.ancestry[:, :, self.step] = self.slots
         self_mask = self._self_attention_mask()[:, :, :queries]
         cross_mask = None if self.cross_mask is None else self.cross_mask[:, :, :queries]
-        return hidden, self_mask, self.encoder_states, cross_mask, self.cache
+        return Segment(hidden, self_mask, self.encoder_states, cross_mask, self.cache)
 
     def end_step(self, hidden: torch.Tensor) -> torch.Tensor:
         """The logits for the last layer's ``hidden`` states of this decoder's rows (``[sentences, queries, vocab]``
@@ -344,9 +354,9 @@ def next_token_logits_of(decoders: list[IncrementalDecoder], tokens: list[torch.
         if len(segments) > 1 and hasattr(layer, "forward_segments"):
             hiddens = layer.forward_segments(segments)
         else:
-            hiddens = [layer(hidden, *rest[:3], cache=rest[3]) for hidden, *rest in segments]
-        segments = [(hidden, *rest) for hidden, (_, *rest) in zip(hiddens, segments)]
-    hiddens = [hidden for hidden, *_ in segments]
+            hiddens = [layer(s.hidden, s.self_mask, s.encoder_states, s.cross_mask, cache=s.cache) for s in segments]
+        segments = [segment._replace(hidden=hidden) for segment, hidden in zip(segments, hiddens)]
+    hiddens = [segment.hidden for segment in segments]
     rows = [hidden.shape[0] * hidden.shape[1] for hidden in hiddens]
     joined = hiddens[0].flatten(0, 1) if len(hiddens) == 1 else torch.cat([h.flatten(0, 1) for h in hiddens])
     logits = decoders[0].lm_head(model_decoder.final_norm(joined))

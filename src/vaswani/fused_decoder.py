@@ -25,11 +25,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .cpu_linears import Packed, PackedLinear, can_prepack, prepack, product, product_plus
+from .decoding import Segment
 from .modeling import AddNorm, DecoderLayer
-
-#: One batch's inputs to a decoder layer: hidden states, self-attention mask, encoder output, encoder-decoder mask,
-#: cache (what :meth:`vaswani.decoding.IncrementalDecoder.begin_step` returns).
-Segment = tuple
 
 #: Attention implementations whose masks ``F.scaled_dot_product_attention`` reads as they are (boolean or additive).
 FUSABLE_ATTENTION = ("eager", "sdpa")
@@ -123,25 +120,23 @@ class FusedDecoderLayer(DecoderLayer):
             return super().forward(
                 hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache=cache, **kwargs
             )
-        segment = (hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache)
+        segment = Segment(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, cache)
         return self._fused_forward(weights, [segment])[0]
 
     def forward_segments(self, segments: list[Segment]) -> list[torch.Tensor]:
         """The layer over several batches at once (continuous batching, :func:`vaswani.decoding.next_token_logits_of`):
-        each segment is one batch's ``(hidden states, self-attention mask, encoder output, encoder-decoder mask,
-        cache)``. The products run over the rows of all (each weight is read once), attention within each batch.
-        Returns each batch's output."""
-        weights = [self._fused_weights(segment[0], segment[1], segment[4]) for segment in segments]
+        each segment is one batch's inputs. The products run over the rows of all (each weight is read once),
+        attention within each batch. Returns each batch's output."""
+        weights = [self._fused_weights(segment.hidden, segment.self_mask, segment.cache) for segment in segments]
         if any(weight is None for weight in weights):
-            return [self(hidden, self_mask, states, cross_mask, cache=cache)
-                    for hidden, self_mask, states, cross_mask, cache in segments]
+            return [self(s.hidden, s.self_mask, s.encoder_states, s.cross_mask, cache=s.cache) for s in segments]
         return self._fused_forward(weights[0], segments)
 
     def _fused_forward(self, weights: FusedWeights, segments: list[Segment]) -> list[torch.Tensor]:
         heads, d_k, layer = self.self_attn.num_heads, self.self_attn.head_dim, self.self_attn.layer_idx
-        shapes = [segment[0].shape for segment in segments]
+        shapes = [segment.hidden.shape for segment in segments]
         rows = [batch * length for batch, length, _ in shapes]
-        x = _joined([segment[0].reshape(-1, shape[-1]) for segment, shape in zip(segments, shapes)])
+        x = _joined([segment.hidden.reshape(-1, shape[-1]) for segment, shape in zip(segments, shapes)])
 
         def per_batch(projected: torch.Tensor, attend) -> torch.Tensor:
             """Heads ``[batch, heads, length, ·]`` of each batch's rows of ``projected``, attended by ``attend``."""
@@ -152,12 +147,12 @@ class FusedDecoderLayer(DecoderLayer):
 
         def self_attention(qkv: torch.Tensor, segment: Segment) -> torch.Tensor:
             query, key, value = qkv.unbind(2)
-            keys, values = segment[4].self_attention_cache.update(key, value, layer)
-            return _attention(query, keys, values, segment[1])
+            keys, values = segment.cache.self_attention_cache.update(key, value, layer)
+            return _attention(query, keys, values, segment.self_mask)
 
         def cross_attention(query: torch.Tensor, segment: Segment) -> torch.Tensor:
-            source = segment[4].cross_attention_cache.layers[layer]
-            return _attention(query, source.keys, source.values, segment[3])
+            source = segment.cache.cross_attention_cache.layers[layer]
+            return _attention(query, source.keys, source.values, segment.cross_mask)
 
         qkv = product(self.self_attn_add_norm.sublayer_input(x), weights.self_qkv)
         x = _residual(self.self_attn_add_norm, x, per_batch(qkv, self_attention), weights.self_out)
