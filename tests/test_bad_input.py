@@ -8,6 +8,7 @@ import io
 import json
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -297,6 +298,36 @@ def test_full_disk_names_the_disk_and_the_last_checkpoint(trained_run, error):
                                       f"{trained_run / 'checkpoint-3'}"):
         with explained_stops(trained_run):
             raise error
+
+
+def test_sigterm_says_where_to_resume_once(trained_run):
+    import signal
+
+    from vaswani.training.trainer import explained_stops
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt) as info, explained_stops(trained_run):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at the next bytecode; the sleep only bounds a failure
+    assert str(info.value).startswith("stopped by SIGTERM") and str(info.value).count("last complete checkpoint") == 1
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_sigterm_while_a_lost_process_is_explained_still_says_where_to_resume(trained_run, monkeypatch):
+    """A launcher sends SIGTERM to the survivors of a lost process; it may land while that loss is being explained."""
+    import signal
+
+    from vaswani.training import trainer
+
+    def lost_and_terminated(err: BaseException) -> bool:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return True
+
+    monkeypatch.setattr(trainer, "_lost_peer", lost_and_terminated)
+    with pytest.raises(KeyboardInterrupt, match=f"stopped by SIGTERM .*the last complete checkpoint is "
+                                                f"{trained_run / 'checkpoint-3'}"):
+        with trainer.explained_stops(trained_run):
+            raise RuntimeError("Connection closed by peer")
 
 
 def test_stop_before_the_first_checkpoint_says_to_start_again(tmp_path):

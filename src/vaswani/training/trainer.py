@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -375,8 +375,23 @@ def _lost_peer(err: BaseException) -> bool:
     return isinstance(err, torch.distributed.DistError) or any(sign in str(err) for sign in LOST_PEER_SIGNS)
 
 
-def _stop_on_sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt("stopped by SIGTERM (a launcher ending the group, or a scheduler preempting the job)")
+class Preempted(KeyboardInterrupt):
+    """SIGTERM while training: its message already says where the run can continue from."""
+
+
+def _stop_on_sigterm(run_dir: Path) -> Callable[[int, Any], None]:
+    """A SIGTERM handler whose message carries the resume hint itself, so that it stays explained even when it lands
+    while another stop (a lost process of the group) is being explained."""
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # launchers may repeat it; one explanation is enough
+        raise Preempted(
+            f"stopped by SIGTERM (a launcher ending the group, or a scheduler preempting the job); "
+            f"{resume_hint(run_dir)}"
+        )
+
+    return stop
 
 
 @contextmanager
@@ -387,9 +402,11 @@ def explained_stops(run_dir: Path) -> Iterator[None]:
     import threading
 
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main_thread else None
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm(run_dir)) if main_thread else None
     try:
         yield
+    except Preempted:
+        raise
     except KeyboardInterrupt as err:
         raise KeyboardInterrupt(f"{err}; {resume_hint(run_dir)}" if str(err) else resume_hint(run_dir)) from None
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError "file write failed"
