@@ -63,7 +63,7 @@ def instrument(model, timer: PartTimer) -> list[str]:
     decoder = decoding.IncrementalDecoder
     decoder.__init__ = timer.wrap("decoder start (encoder-decoder keys and values)", decoder.__init__)
     decoder.select = timer.wrap("cache bookkeeping (re-ranked beams, sentences leaving)", decoder.select)
-    for name in ("_beam_step", "_update_improvable", "_apply_bounds"):
+    for name in ("beam_candidates", "_beam_step", "_update_improvable", "_apply_bounds"):
         setattr(decoding, name, timer.wrap("beam-search step (top-k, finished hypotheses)", getattr(decoding, name)))
     decoding.F = type("F", (), {"log_softmax": staticmethod(timer.wrap("log-softmax", torch.log_softmax))})
     encoder = model.model.encoder

@@ -275,19 +275,22 @@ class IncrementalDecoder:
             return mask
         return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
 
-    def next_token_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (fp32, ``[sentences · beams, vocab]``) of the token after ``tokens`` (one per hypothesis),
-        which sit at position ``self.step``.
+    @property
+    def queries(self) -> int:
+        """Rows per sentence at the next position: at the first, all beams of a sentence hold the same prefix (the
+        start token), so it is computed once per sentence and shared (CTranslate2 does the same on CPUs), its keys
+        and values written to every beam slot; then one per beam."""
+        return 1 if self.step == 0 else self.beams
 
-        At the first position all beams of a sentence hold the same prefix (the start token): it is computed
-        once per sentence and shared (CTranslate2 does the same on CPUs), its keys and values written to every
-        beam slot."""
+    def next_token_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (fp32, ``[sentences · queries, vocab]``, see :attr:`queries`) of the token after ``tokens`` (one
+        per hypothesis), which sit at position ``self.step``."""
         return next_token_logits_of([self], [tokens])
 
     def begin_step(self, tokens: torch.Tensor) -> Segment:
-        """The first decoder layer's inputs for the next position (queries: 1 at the first position, else beams)."""
+        """The first decoder layer's inputs for the next position (:attr:`queries` rows per sentence)."""
         decoder = self.decoder
-        queries = 1 if self.step == 0 else self.beams
+        queries = self.queries
         tokens = tokens.view(self.sentences, self.beams)[:, :queries].reshape(-1, 1)
         hidden = decoder.embed(decoder.embed_tokens(tokens), self.step).view(self.sentences, queries, -1)
         self.ancestry[:, :, self.step] = self.slots
@@ -295,11 +298,8 @@ class IncrementalDecoder:
         cross_mask = None if self.cross_mask is None else self.cross_mask[:, :, :queries]
         return Segment(hidden, self_mask, self.encoder_states, cross_mask, self.cache)
 
-    def end_step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The logits for the last layer's ``hidden`` states of this decoder's rows (``[sentences, queries, vocab]``
-        made ``[sentences · beams, vocab]``)."""
+    def end_step(self) -> None:
         self.step += 1
-        return hidden.float().expand(-1, self.beams, -1).flatten(0, 1)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new position's keys and values (``[sentences, heads, beams or 1, d_k]``) into layer
@@ -345,9 +345,10 @@ def _move_rows(tensor: torch.Tensor, moved: torch.Tensor, origins: torch.Tensor,
 
 def next_token_logits_of(decoders: list[IncrementalDecoder], tokens: list[torch.Tensor]) -> torch.Tensor:
     """The next-token logits of several decoders of one model (each its own batch at its own position), their rows
-    one after the other. A layer that has ``forward_segments`` (:class:`~vaswani.fused_decoder.FusedDecoderLayer`)
-    computes its products over the rows of all and attention for each; others run each batch in turn. The final
-    LayerNorm and the output layer run over all rows at once (continuous batching, :func:`beam_search_stream`)."""
+    (:attr:`IncrementalDecoder.queries` per sentence) one after the other. A layer that has ``forward_segments``
+    (:class:`~vaswani.fused_decoder.FusedDecoderLayer`) computes its products over the rows of all and attention
+    for each; others run each batch in turn. The final LayerNorm and the output layer run over all rows at once
+    (continuous batching, :func:`beam_search_stream`)."""
     segments = [decoder.begin_step(step_tokens) for decoder, step_tokens in zip(decoders, tokens)]
     model_decoder = decoders[0].decoder
     for layer in model_decoder.layers:
@@ -356,15 +357,11 @@ def next_token_logits_of(decoders: list[IncrementalDecoder], tokens: list[torch.
         else:
             hiddens = [layer(s.hidden, s.self_mask, s.encoder_states, s.cross_mask, cache=s.cache) for s in segments]
         segments = [segment._replace(hidden=hidden) for segment, hidden in zip(segments, hiddens)]
-    hiddens = [segment.hidden for segment in segments]
-    rows = [hidden.shape[0] * hidden.shape[1] for hidden in hiddens]
-    joined = hiddens[0].flatten(0, 1) if len(hiddens) == 1 else torch.cat([h.flatten(0, 1) for h in hiddens])
-    logits = decoders[0].lm_head(model_decoder.final_norm(joined))
-    parts = [
-        decoder.end_step(part.view(hidden.shape[0], hidden.shape[1], -1))
-        for decoder, hidden, part in zip(decoders, hiddens, logits.split(rows))
-    ]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    hiddens = [segment.hidden.flatten(0, 1) for segment in segments]
+    for decoder in decoders:
+        decoder.end_step()
+    joined = hiddens[0] if len(hiddens) == 1 else torch.cat(hiddens)
+    return decoders[0].lm_head(model_decoder.final_norm(joined)).float()
 
 
 def survivors(going: torch.Tensor) -> torch.Tensor:
@@ -512,19 +509,44 @@ def top_k_per_row(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     return values, columns.gather(1, chosen)
 
 
+def queries_per_sentence(decoders: list[IncrementalDecoder]) -> int | torch.Tensor:
+    """The rows :func:`next_token_logits_of` is about to give each sentence of ``decoders``: one number where all
+    decoders agree, else one per sentence."""
+    counts = {decoder.queries for decoder in decoders}
+    if len(counts) == 1:
+        return counts.pop()
+    device = decoders[0].encoder_states.device
+    return torch.cat([torch.full((decoder.sentences,), decoder.queries, device=device) for decoder in decoders])
+
+
+def beam_candidates(
+    log_probs: torch.Tensor, queries: int | torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each beam's best ``min(2k, vocab)`` continuations (log-probs and tokens, ``[b·k, ·]``) from the rows of
+    :func:`next_token_logits_of` (``queries`` per sentence, :func:`queries_per_sentence`). The top 2k continuations
+    of a sentence (2k, so that k of them do not end in ``</s>``) are among the top 2k of each of its beams: those
+    are all that get the beam's score added (not ``[b, k, vocab]`` of them). A row shared by a sentence's beams
+    (its first position) is copied to each of them only here, as 2k numbers instead of a vocabulary's."""
+    best = top_k_per_row(log_probs, min(2 * k, log_probs.shape[-1]))
+    if isinstance(queries, int):
+        return best if queries == k else tuple(part.repeat_interleave(k // queries, dim=0) for part in best)
+    copies = torch.repeat_interleave(k // queries, queries)
+    return tuple(part.repeat_interleave(copies, dim=0) for part in best)
+
+
 def _take(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``tensor[b, indices[b, j], ...]`` (transformers' ``_gather_beams``)."""
     return torch.take_along_dim(tensor, indices.view(*indices.shape, *(1,) * (tensor.dim() - 2)), dim=1)
 
 
-def _beam_step(beams: Beams, log_probs: torch.Tensor, prompt: int, eos: int, lp, early_stopping) -> torch.Tensor:
-    """One step of transformers' beam search on ``beams`` (updated in place) given the next-token log-probs
-    (``[b·k, vocab]``); returns the running beam each new running beam extends (``[b, k]``)."""
+def _beam_step(
+    beams: Beams, beam_best: torch.Tensor, beam_best_tokens: torch.Tensor, prompt: int, eos: int, lp, early_stopping
+) -> torch.Tensor:
+    """One step of transformers' beam search on ``beams`` (updated in place) given each beam's best continuations
+    (``[b·k, per_beam]`` log-probs and tokens, :func:`beam_candidates`); returns the running beam each new running
+    beam extends (``[b, k]``)."""
     b, k = beams.running_scores.shape
-    # The top 2k continuations of a sentence (2k, so that k of them do not end in </s>) are among the top 2k of
-    # each of its beams: those are all that get the beam's score added (not [b, k, vocab] of them).
-    per_beam = min(2 * k, log_probs.shape[-1])
-    beam_best, beam_best_tokens = top_k_per_row(log_probs, per_beam)
+    per_beam = beam_best.shape[-1]
     scores = (beam_best.view(b, k, per_beam) + beams.running_scores[:, :, None]).view(b, k * per_beam)
     top_scores, top_indices = torch.topk(scores, 2 * k)
     top_beams, top_tokens = top_indices // per_beam, beam_best_tokens.view(b, k * per_beam).gather(1, top_indices)
@@ -663,12 +685,13 @@ def beam_search_stream(
         if beams is None:
             return
         b, sizes = beams.request.numel(), [cohort.sentences for cohort in cohorts]
+        queries = queries_per_sentence(cohorts)
         last_tokens = beams.running.gather(2, (prompt - 1 + beams.generated).view(b, 1, 1).expand(b, k, 1))
         logits = next_token_logits_of(cohorts, [tokens.reshape(-1) for tokens in last_tokens.split(sizes)])
         log_probs = F.log_softmax(logits, dim=-1)
-        rows_of = partial(torch.repeat_interleave, repeats=k)
+        rows_of = partial(torch.repeat_interleave, repeats=queries)
         log_probs = _apply_bounds(log_probs, rows_of(beams.generated), rows_of(beams.limits), rows_of(beams.least), eos)
-        parents = _beam_step(beams, log_probs, prompt, eos, lp, early_stopping)
+        parents = _beam_step(beams, *beam_candidates(log_probs, queries, k), prompt, eos, lp, early_stopping)
         _update_improvable(beams, alpha, lp, early_stopping)
         done = _sentence_done(beams, early_stopping)
         ended = bool(done.any())
