@@ -65,7 +65,7 @@ def instrument(model, timer: PartTimer) -> list[str]:
     decoder.select = timer.wrap("cache bookkeeping (re-ranked beams, sentences leaving)", decoder.select)
     for name in ("beam_candidates", "_beam_step", "_update_improvable", "_apply_bounds"):
         setattr(decoding, name, timer.wrap("beam-search step (top-k, finished hypotheses)", getattr(decoding, name)))
-    decoding.F = type("F", (), {"log_softmax": staticmethod(timer.wrap("log-softmax", torch.log_softmax))})
+    decoding.log_softmax_in_place = timer.wrap("log-softmax", decoding.log_softmax_in_place)
     encoder = model.model.encoder
     encoder.forward = timer.wrap("encoder", encoder.forward)
     layers = model.model.decoder.layers

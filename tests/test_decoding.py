@@ -149,3 +149,12 @@ def test_generation_config_field_selects_the_loop(loop_calls):
     model.generation_config.decoding_loop = "transformers"
     model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5)
     assert not loop_calls
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (5, 8003), (64, 300)])
+def test_log_softmax_in_place_is_torch_log_softmax_bit_for_bit(shape):
+    logits = torch.randn(shape, generator=torch.Generator().manual_seed(shape[1])) * 20
+    logits[0, 0] = -float("inf")
+    expected = torch.log_softmax(logits, dim=-1)
+    result = decoding.log_softmax_in_place(logits)
+    assert result.data_ptr() == logits.data_ptr() and torch.equal(result, expected)

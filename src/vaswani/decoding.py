@@ -39,7 +39,6 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.logits_process import MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
@@ -483,6 +482,13 @@ def length_penalty(length: torch.Tensor, alpha: float, kind: str) -> torch.Tenso
     return (gnmt_length_penalty(length, alpha) if kind == "gnmt" else length**alpha).float()
 
 
+def log_softmax_in_place(logits: torch.Tensor) -> torch.Tensor:
+    """``log_softmax`` over the last dimension written over ``logits`` (returns it): the same numbers as
+    ``torch.log_softmax`` without a second ``[rows, vocab]`` tensor, whose fresh memory costs about as much as the
+    computation."""
+    return torch._log_softmax(logits, -1, False, out=logits)
+
+
 #: Columns per block in :func:`top_k_per_row`.
 TOP_K_BLOCK = 64
 
@@ -688,7 +694,7 @@ def beam_search_stream(
         queries = queries_per_sentence(cohorts)
         last_tokens = beams.running.gather(2, (prompt - 1 + beams.generated).view(b, 1, 1).expand(b, k, 1))
         logits = next_token_logits_of(cohorts, [tokens.reshape(-1) for tokens in last_tokens.split(sizes)])
-        log_probs = F.log_softmax(logits, dim=-1)
+        log_probs = log_softmax_in_place(logits)
         rows_of = partial(torch.repeat_interleave, repeats=queries)
         log_probs = _apply_bounds(log_probs, rows_of(beams.generated), rows_of(beams.limits), rows_of(beams.least), eos)
         parents = _beam_step(beams, *beam_candidates(log_probs, queries, k), prompt, eos, lp, early_stopping)
