@@ -62,6 +62,31 @@ def test_stream_gives_each_batch_the_tokens_of_its_own_generate(seed, refill_bel
         assert joins[0] == len(batches) - 1  # all batches were searched together
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_self_attention_buffers_grow_and_are_reused_with_the_same_tokens(num_beams, monkeypatch):
+    model = _fused(_model(11))  # no </s> bias: sentences run for many steps
+    batches = _batches(random.Random(12), count=4)
+    kwargs = {"num_beams": num_beams, "max_new_tokens": 24}
+    with torch.no_grad():
+        expected = [model.generate(**batch, decoding_loop="transformers", **kwargs) for batch in batches]
+        monkeypatch.setattr(decoding, "FIRST_CACHE_STEPS", 1)  # room for 1, 2, 4, ... positions
+        grown, reused, take = [0], [0], decoding.SpareBuffers.take
+
+        def counted(self, shape, like):
+            spare = len(self.free)
+            buffer = take(self, shape, like)
+            grown[0] += shape[2] > 1
+            reused[0] += len(self.free) < spare
+            return buffer
+
+        monkeypatch.setattr(decoding.SpareBuffers, "take", counted)
+        stream = list(model.generate_stream(iter(batches), refill_below=0.25, **kwargs))
+        one = [model.generate(**batch, **kwargs) for batch in batches]
+    assert all(torch.equal(a, b) for a, b in zip(stream, expected)) and all(map(torch.equal, one, expected))
+    assert expected[0].shape[1] > 10 and grown[0]
+    assert reused[0] if num_beams > 1 else not reused[0]  # greedy search runs a batch at a time, nothing to hand on
+
+
 def test_batches_a_loop_cannot_serve_are_generated_alone_in_order():
     model = _fused(_model(3, eos_bias=2.0, sharpness=4.0))
     batches = _batches(random.Random(5), count=3)

@@ -219,6 +219,34 @@ class Segment(NamedTuple):
     cache: BeamSlotCache
 
 
+#: Positions the self-attention buffers of an :class:`IncrementalDecoder` hold at first; they double when full.
+FIRST_CACHE_STEPS = 16
+
+
+class SpareBuffers:
+    """The self-attention buffers of decoders that are done (or have grown), for the next ones to reuse: the memory
+    of a fresh buffer comes from the kernel one zeroed page at a time as it is first written, and a cache filled
+    step by step took a page fault every few steps, costing as much as the writes themselves. Keeps the ``keep``
+    largest."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.free: list[torch.Tensor] = []  # one-dimensional, smallest first
+
+    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A buffer of ``shape`` (``like``'s dtype and device): the smallest spare one that is large enough, or new."""
+        size = math.prod(shape)
+        for index, flat in enumerate(self.free):
+            if flat.numel() >= size and flat.dtype == like.dtype and flat.device == like.device:
+                return self.free.pop(index)[:size].view(shape)
+        return like.new_empty(size).view(shape)
+
+    def give(self, buffers: Iterable[torch.Tensor]) -> None:
+        self.free.extend(buffer if buffer._base is None else buffer._base for buffer in buffers)
+        self.free.sort(key=torch.Tensor.numel)
+        del self.free[: max(len(self.free) - self.keep, 0)]
+
+
 class IncrementalDecoder:
     """The model's decoder and output layer run one position at a time over sentences × beams, with the
     encoder-decoder keys and values projected once per sentence (fairseq's incremental decoding).
@@ -230,16 +258,24 @@ class IncrementalDecoder:
     attends to the k × steps keys of its sentence through a mask that keeps the keys of its own prefix. This
     computes the same attention as reordered caches, with k times as many (masked) scores, which are cheap
     next to copying every layer's keys and values at every step. The layers themselves are the model's, given
-    a :class:`BeamSlotCache` over these buffers.
+    a :class:`BeamSlotCache` over these buffers. The buffers start with room for :data:`FIRST_CACHE_STEPS`
+    positions and double when full; they come from and go back to ``spare`` (:class:`SpareBuffers`).
     """
 
     def __init__(
-        self, model: nn.Module, encoder_states: torch.Tensor, source_mask: torch.Tensor | None, beams: int, steps: int
+        self,
+        model: nn.Module,
+        encoder_states: torch.Tensor,
+        source_mask: torch.Tensor | None,
+        beams: int,
+        steps: int,
+        spare: SpareBuffers | None = None,
     ) -> None:
         self.decoder = model.model.decoder
         self.lm_head = model.lm_head
         self.beams = beams
-        self.steps = steps  # positions the buffers hold
+        self.steps = steps  # positions the search may reach
+        self.spare = SpareBuffers(keep=0) if spare is None else spare
         self.step = 0  # positions computed so far
         self.sentences = encoder_states.shape[0]
         self.encoder_states = encoder_states.clone()  # rows are moved in place when sentences leave
@@ -305,12 +341,31 @@ class IncrementalDecoder:
         ``layer_idx``'s buffers; return those of all positions so far, ``[sentences, heads, (step + 1) · beams,
         d_k]`` (a cache's ``update``, called by the layer's masked self-attention)."""
         if layer_idx == len(self.self_cache):
-            shape = (key.shape[0], key.shape[1], self.steps, self.beams, key.shape[-1])
-            self.self_cache.append((key.new_empty(shape), value.new_empty(shape)))
+            self.self_cache.append(self._buffers(key, min(self.steps, FIRST_CACHE_STEPS)))
+        elif self.step == self.self_cache[layer_idx][0].shape[2]:
+            self.self_cache[layer_idx] = self._grown(self.self_cache[layer_idx])
         keys, values = (buffer[: self.sentences] for buffer in self.self_cache[layer_idx])
         keys[:, :, self.step] = key
         values[:, :, self.step] = value
         return keys[:, :, : self.step + 1].flatten(2, 3), values[:, :, : self.step + 1].flatten(2, 3)
+
+    def _buffers(self, like: torch.Tensor, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value buffers ``[sentences, heads, positions, beams, d_k]`` for keys shaped like ``like``."""
+        shape = (self.sentences, like.shape[1], positions, self.beams, like.shape[-1])
+        return self.spare.take(shape, like), self.spare.take(shape, like)
+
+    def _grown(self, buffers: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``buffers`` (full) copied into ones with twice the positions (at most :attr:`steps`)."""
+        grown = self._buffers(buffers[0], min(self.steps, 2 * buffers[0].shape[2]))
+        for old, new in zip(buffers, grown):
+            new[:, :, : self.step] = old[: self.sentences, :, : self.step]
+        self.spare.give(buffers)
+        return grown
+
+    def release(self) -> None:
+        """Hand the self-attention buffers to :attr:`spare` (this decoder's search is over)."""
+        self.spare.give(buffer for buffers in self.self_cache for buffer in buffers)
+        self.self_cache = []
 
     def select(self, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
         """Continue with new hypotheses, hypothesis i (``sentence · beams + beam``) extending the prefix of old
@@ -674,6 +729,7 @@ def beam_search_stream(
     k, prompt, eos, fill, alpha, penalty_type, early_stopping = settings
     lp = partial(length_penalty, alpha=alpha, kind=penalty_type)
     cohorts: list[IncrementalDecoder] = []  # one per request still being searched; beams' rows in this order
+    spare = SpareBuffers(keep=2 * len(model.model.decoder.layers))  # a decoder's keys and values
     beams: Beams | None = None
     outputs: list[_Output | None] = []
     delivered = last_size = 0
@@ -683,7 +739,7 @@ def beam_search_stream(
                 raise ValueError(f"requests searched together need the same settings: {pending.settings()} after "
                                  f"{settings}")
             joining = Beams.start(pending, len(outputs), k, fill)
-            cohorts.append(_start_decoder(model, pending.model_kwargs, k, int(joining.max_new[0])))
+            cohorts.append(_start_decoder(model, pending.model_kwargs, k, int(joining.max_new[0]), spare))
             beams = joining if beams is None else beams.join(joining, fill)
             last_size = joining.request.numel()
             outputs.append(_Output(joining.finished[:, 0].clone(), torch.zeros_like(joining.row), last_size))
@@ -717,6 +773,9 @@ def beam_search_stream(
         if ended:
             order = torch.cat(kept)
             beams = beams.keep(order) if order.numel() else None
+            for cohort in cohorts:
+                if not cohort.sentences:
+                    cohort.release()
             cohorts = [cohort for cohort in cohorts if cohort.sentences]
         while delivered < len(outputs) and outputs[delivered].left == 0:
             yield outputs[delivered].result(prompt)
@@ -782,9 +841,11 @@ def greedy_search(
     return output[:, : cur_len + 1]
 
 
-def _start_decoder(model: nn.Module, model_kwargs: dict, beams: int, steps: int) -> IncrementalDecoder:
+def _start_decoder(
+    model: nn.Module, model_kwargs: dict, beams: int, steps: int, spare: SpareBuffers | None = None
+) -> IncrementalDecoder:
     """An :class:`IncrementalDecoder` over the encoder output ``generate()`` prepared (one row per sentence
     × beam, of which it keeps one per sentence)."""
     encoder_states = model_kwargs["encoder_outputs"].last_hidden_state[::beams]
     mask = model_kwargs.get("attention_mask")
-    return IncrementalDecoder(model, encoder_states, None if mask is None else mask[::beams], beams, steps)
+    return IncrementalDecoder(model, encoder_states, None if mask is None else mask[::beams], beams, steps, spare)

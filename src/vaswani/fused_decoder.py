@@ -127,10 +127,11 @@ class FusedDecoderLayer(DecoderLayer):
         """The layer over several batches at once (continuous batching, :func:`vaswani.decoding.next_token_logits_of`):
         each segment is one batch's inputs. The products run over the rows of all (each weight is read once),
         attention within each batch. Returns each batch's output."""
-        weights = [self._fused_weights(segment.hidden, segment.self_mask, segment.cache) for segment in segments]
-        if any(weight is None for weight in weights):
+        first = segments[0]
+        weights = self._fused_weights(first.hidden, first.self_mask, first.cache)
+        if weights is None or not all(self._fusable(s.hidden, s.self_mask, s.cache) for s in segments[1:]):
             return [self(s.hidden, s.self_mask, s.encoder_states, s.cross_mask, cache=s.cache) for s in segments]
-        return self._fused_forward(weights[0], segments)
+        return self._fused_forward(weights, segments)
 
     def _fused_forward(self, weights: FusedWeights, segments: list[Segment]) -> list[torch.Tensor]:
         heads, d_k, layer = self.self_attn.num_heads, self.self_attn.head_dim, self.self_attn.layer_idx
@@ -168,11 +169,9 @@ class FusedDecoderLayer(DecoderLayer):
         x = _residual(self.feed_forward_add_norm, x, inner, weights.ffn_out)
         return [part.view(shape) for part, shape in zip(x.split(rows), shapes)]
 
-    def _fused_weights(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache
-    ) -> FusedWeights | None:
-        """The prepacked weights if this call may take the fused path (made again when the weights changed)."""
-        fusable = (
+    def _fusable(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> bool:
+        """Whether these inputs may take the fused path (the weights aside, see :meth:`_fused_weights`)."""
+        return (
             not self.training
             and not torch.is_grad_enabled()
             and hidden_states.dtype == torch.float32
@@ -183,7 +182,12 @@ class FusedDecoderLayer(DecoderLayer):
             and cache is not None
             and cache.is_updated.get(self.self_attn.layer_idx, False)
         )
-        key = _weights_key(self) if fusable else None
+
+    def _fused_weights(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache
+    ) -> FusedWeights | None:
+        """The prepacked weights if this call may take the fused path (made again when the weights changed)."""
+        key = _weights_key(self) if self._fusable(hidden_states, attention_mask, cache) else None
         if key is None:
             return None
         if getattr(self, "_fused_key", None) != key:
