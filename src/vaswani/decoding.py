@@ -334,6 +334,7 @@ class IncrementalDecoder:
         return Segment(hidden, self_mask, self.encoder_states, cross_mask, self.cache)
 
     def end_step(self) -> None:
+        """The position :meth:`begin_step` started is computed."""
         self.step += 1
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
