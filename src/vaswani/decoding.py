@@ -398,6 +398,11 @@ def _move_rows(tensor: torch.Tensor, moved: torch.Tensor, origins: torch.Tensor,
     return tensor[:count]
 
 
+def joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The parts one after the other along the first dimension (the one part itself, not a copy)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def next_token_logits_of(decoders: list[IncrementalDecoder], tokens: list[torch.Tensor]) -> torch.Tensor:
     """The next-token logits of several decoders of one model (each its own batch at its own position), their rows
     (:attr:`IncrementalDecoder.queries` per sentence) one after the other. A layer that has ``forward_segments``
@@ -412,11 +417,10 @@ def next_token_logits_of(decoders: list[IncrementalDecoder], tokens: list[torch.
         else:
             hiddens = [layer(s.hidden, s.self_mask, s.encoder_states, s.cross_mask, cache=s.cache) for s in segments]
         segments = [segment._replace(hidden=hidden) for segment, hidden in zip(segments, hiddens)]
-    hiddens = [segment.hidden.flatten(0, 1) for segment in segments]
     for decoder in decoders:
         decoder.end_step()
-    joined = hiddens[0] if len(hiddens) == 1 else torch.cat(hiddens)
-    return decoders[0].lm_head(model_decoder.final_norm(joined)).float()
+    hidden = joined([segment.hidden.flatten(0, 1) for segment in segments])
+    return decoders[0].lm_head(model_decoder.final_norm(hidden)).float()
 
 
 def survivors(going: torch.Tensor) -> torch.Tensor:

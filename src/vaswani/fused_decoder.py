@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .cpu_linears import Packed, PackedLinear, can_prepack, prepack, product, product_plus
-from .decoding import Segment
+from .decoding import Segment, joined
 from .modeling import AddNorm, DecoderLayer
 
 #: Attention implementations whose masks ``F.scaled_dot_product_attention`` reads as they are (boolean or additive).
@@ -91,11 +91,6 @@ def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask
     return heads.transpose(1, 2).flatten(0, 1).flatten(1)
 
 
-def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
-    """The parts one after the other (the one part itself, not a copy)."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
 def _residual(add_norm: AddNorm, residual: torch.Tensor, attended: torch.Tensor, packed: Packed) -> torch.Tensor:
     """Add & Norm (§3.1) around a sub-layer whose last product is ``packed``, applied to ``attended``."""
     x = product_plus(attended, packed, residual)
@@ -137,11 +132,11 @@ class FusedDecoderLayer(DecoderLayer):
         heads, d_k, layer = self.self_attn.num_heads, self.self_attn.head_dim, self.self_attn.layer_idx
         shapes = [segment.hidden.shape for segment in segments]
         rows = [batch * length for batch, length, _ in shapes]
-        x = _joined([segment.hidden.reshape(-1, shape[-1]) for segment, shape in zip(segments, shapes)])
+        x = joined([segment.hidden.reshape(-1, shape[-1]) for segment, shape in zip(segments, shapes)])
 
         def per_batch(projected: torch.Tensor, attend) -> torch.Tensor:
             """Heads ``[batch, heads, length, ·]`` of each batch's rows of ``projected``, attended by ``attend``."""
-            return _joined([
+            return joined([
                 attend(part.view(batch, length, -1, heads, d_k).transpose(1, 3).squeeze(2), segment)
                 for part, (batch, length, _), segment in zip(projected.split(rows), shapes, segments)
             ])
