@@ -104,6 +104,30 @@ def test_a_model_tunes_cpu_training_when_it_first_trains(setting):
         assert "'mmap_max': 0" in out.stdout and out.stdout.split()[-1] == "True"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_a_model_keeps_freed_memory_when_it_first_generates(setting):
+    """``generate()`` (and so ``translate``, ``pipeline`` and ``vaswani translate``) applies the allocator setting
+    the first time, and only it: denormals stay as they are in inference."""
+    code = (
+        "import torch, vaswani.perf as p\n"
+        "from vaswani import VaswaniConfig, VaswaniForConditionalGeneration\n"
+        "model = VaswaniForConditionalGeneration(VaswaniConfig.from_preset('tiny', vocab_size=32)).eval()\n"
+        "assert p.allocator_settings() is None\n"
+        "model.generate(torch.tensor([[5, 6, 2]]), num_beams=2, max_new_tokens=3)\n"
+        "print(p.allocator_settings(), (torch.tensor([1e-39]) * 1.0).item() == 0.0)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != perf.TUNE_ENV}
+    if setting is not None:
+        env[perf.TUNE_ENV] = setting
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if setting == "0":
+        assert out.stdout.split() == ["None", "False"]
+    else:
+        assert "'mmap_max': 0" in out.stdout and out.stdout.split()[-1] == "False"
+
+
 def test_tune_cpu_training_flushes_denormals():
     before = torch.tensor([1e-39])
     assert before.item() != 0.0

@@ -53,7 +53,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration import VaswaniConfig
 from .generation import VaswaniGenerationMixin, apply_paper_generation_defaults
 from .losses import output_layer_cross_entropy, token_cross_entropy
-from .perf import tune_cpu_training_once
+from .perf import tune_cpu_decoding_once, tune_cpu_training_once
 from .unpadded import (
     FastDropout,
     Unpadded,
@@ -826,7 +826,10 @@ class VaswaniForConditionalGeneration(VaswaniPreTrainedModel, VaswaniGenerationM
         self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
     ):
         """``generate()`` reading an additive float ``attention_mask`` as the keep-mask it means (see
-        :func:`keep_mask`) in every step, the source lengths of the output limit included."""
+        :func:`keep_mask`) in every step, the source lengths of the output limit included. The first time a model
+        generates on a CPU, the process keeps freed memory for reuse (:func:`.perf.tune_cpu_decoding_once`;
+        ``VASWANI_TUNE_CPU=0`` keeps it off)."""
+        tune_cpu_decoding_once(self.device)
         if kwargs.get("attention_mask") is not None:
             kwargs["attention_mask"] = keep_mask(kwargs["attention_mask"])
         return super().generate(inputs, generation_config=generation_config, **kwargs)

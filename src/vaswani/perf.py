@@ -12,7 +12,9 @@ small model trained with dropout produce them, and every matrix multiply that re
 path: fp32 training of the multi30k preset ran 1.9x faster with them flushed (2-core CPU, torch 2.13).
 :func:`tune_cpu_training` applies both. A Vaswani model applies it the first time it is put in training mode
 on a CPU (:func:`tune_cpu_training_once`, from ``model.train()``, which transformers' ``Trainer`` and training
-loops call), so every way of training gets it; ``VASWANI_TUNE_CPU=0`` in the environment keeps it off.
+loops call), so every way of training gets it. The first time a model generates on a CPU, it applies
+:func:`tune_allocator` alone (:func:`tune_cpu_decoding_once`, from ``model.generate()``): a beam search
+allocates its logits and caches anew at every step. ``VASWANI_TUNE_CPU=0`` in the environment keeps both off.
 
 :func:`has_fast_bf16` tells whether bf16 autocast pays on this machine: a GPU that supports it, or a CPU with
 bf16 products (AVX512-BF16 / AMX, Arm's BF16) on which a bf16 matrix product is also measured to be faster than
@@ -30,6 +32,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -148,17 +151,32 @@ def tune_cpu_training() -> dict[str, bool]:
     return {"allocator": tune_allocator(), "flush_denormals": flush_denormals()}
 
 
-#: ``VASWANI_TUNE_CPU=0`` keeps models from applying :func:`tune_cpu_training` when they start training.
+#: ``VASWANI_TUNE_CPU=0`` keeps models from applying these settings when they start training or decoding.
 TUNE_ENV = "VASWANI_TUNE_CPU"
-_training_tuned = False
+_tuned: set[str] = set()
+
+
+def _tune_once(purpose: str, device: torch.device, apply: Callable[[], object]) -> None:
+    """``apply()`` the first time in this process that a model starts ``purpose`` on a CPU, unless
+    ``VASWANI_TUNE_CPU=0``."""
+    if purpose in _tuned or device.type != "cpu" or os.environ.get(TUNE_ENV, "1") == "0":
+        return
+    _tuned.add(purpose)
+    apply()
 
 
 def tune_cpu_training_once(device: torch.device) -> None:
     """:func:`tune_cpu_training`, the first time in this process that a model is put in training mode on a CPU,
     unless ``VASWANI_TUNE_CPU=0``: a user of transformers' ``Trainer`` or of a loop of their own then trains
     as ``vaswani train`` does (the allocator setting matters most where large buffers come and go each step)."""
-    global _training_tuned
-    if _training_tuned or device.type != "cpu" or os.environ.get(TUNE_ENV, "1") == "0":
-        return
-    _training_tuned = True
-    tune_cpu_training()
+    _tune_once("training", device, tune_cpu_training)
+
+
+def tune_cpu_decoding_once(device: torch.device) -> None:
+    """:func:`tune_allocator`, the first time in this process that a model generates on a CPU, unless
+    ``VASWANI_TUNE_CPU=0``: every step of a search allocates its logits (hypotheses × vocabulary), activations
+    and growing caches anew, and with glibc's defaults the kernel hands many of them back as fresh zeroed pages,
+    one fault per 4 KiB. ``vaswani translate``, :func:`vaswani.translate.translate`, ``pipeline("translation")``
+    and ``model.generate()`` all get it. Denormals are left alone: inference does not make them, and flushing
+    them would change results."""
+    _tune_once("decoding", device, tune_allocator)
