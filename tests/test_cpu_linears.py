@@ -12,10 +12,15 @@ from translation_helpers import make_model_folder
 
 from vaswani.cli import main
 from vaswani.cpu_linears import (
+    ROW_MULTIPLE,
     Int8Linear,
     PackedLinear,
     can_prepack,
     pack_linear_layers,
+    padded_rows,
+    prepack,
+    product,
+    product_plus,
     quantize_linear_layers,
     quantize_rows,
 )
@@ -126,3 +131,22 @@ def test_cli_dtype_int8(folder, tmp_path, capsys):
 def test_int8_off_the_cpu_is_refused(folder):
     with pytest.raises(ValueError, match="int8 runs on the CPU only"):
         load_translation_model(folder, device="meta", dtype="int8")
+
+
+@needs_prepack
+def test_products_of_any_row_count_are_the_layer_on_those_rows():
+    """The rows are padded to a multiple of ROW_MULTIPLE for oneDNN (one kernel for many counts), and the padding
+    never reaches the result: each row count gives the plain layer's rows, the residual and ReLU included."""
+    torch.manual_seed(0)
+    linear = nn.Linear(40, 24)
+    packed = (prepack(linear.weight), linear.bias.detach())
+    with torch.no_grad():
+        for rows in (1, ROW_MULTIPLE - 1, ROW_MULTIPLE, ROW_MULTIPLE + 3, 3 * ROW_MULTIPLE):
+            x, residual = torch.randn(rows, 40), torch.randn(rows, 24)
+            assert padded_rows(x).shape[0] % ROW_MULTIPLE == 0 and torch.equal(padded_rows(x)[:rows], x)
+            expected = linear(x)
+            torch.testing.assert_close(product(x, packed), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(product(x, packed, "relu"), expected.relu(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(product_plus(x, packed, residual), expected + residual, rtol=1e-5, atol=1e-5)
+            assert product(x, packed).shape == (rows, 24)
+    assert padded_rows(x) is x  # a multiple already: no copy

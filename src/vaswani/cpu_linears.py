@@ -7,6 +7,10 @@ for one of these when a model is loaded for translation (:func:`vaswani.translat
   once into oneDNN's blocked layout. A plain ``F.linear`` lays the weight out for the kernel again on every call,
   which costs most at decoding's few rows per step (tens of hypotheses against a vocabulary-sized output layer).
   Same function, the sums taken in another order (differences around 1e-6); the model still trains and saves.
+  oneDNN compiles a kernel for every row count it multiplies and keeps the last 1,024; decoding's row counts
+  (live hypotheses, source tokens per batch) vary from step to step and batch to batch, so the products pad their
+  rows to a multiple of :data:`ROW_MULTIPLE` (:func:`padded_rows`): a few kernels, compiled once, instead of one per
+  count, evicted and compiled again on a long or varied input.
 * :class:`Int8Linear`: dynamic quantization, as CTranslate2's ``int8`` and torch's former ``quantize_dynamic``:
   weights symmetric with one scale per output row, activations symmetric with one scale per input row from the
   row's largest magnitude, the product in int32 (``torch._int_mm``), then the bias. torch 2.13 deprecates
@@ -49,16 +53,28 @@ def prepack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
+#: The products of :func:`product` and :func:`product_plus` run over a multiple of this many rows.
+ROW_MULTIPLE = 16
+
+
+def padded_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (2-D) with zero rows appended up to a multiple of :data:`ROW_MULTIPLE` (``x`` itself if it is one)."""
+    extra = -x.shape[0] % ROW_MULTIPLE
+    return torch.nn.functional.pad(x, (0, 0, 0, extra)) if extra else x
+
+
 def product(x: torch.Tensor, packed: Packed, activation: str = "none") -> torch.Tensor:
     """``activation(x Wᵀ + b)`` for the rows of ``x`` (``"none"`` or ``"relu"``, applied inside the product)."""
     weight, bias = packed
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "")
+    return torch.ops.mkldnn._linear_pointwise(padded_rows(x), weight, bias, activation, [], "")[: x.shape[0]]
 
 
 def product_plus(x: torch.Tensor, packed: Packed, residual: torch.Tensor) -> torch.Tensor:
     """``residual + x Wᵀ + b``, the residual added inside the product."""
     weight, bias = packed
-    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+    return torch.ops.mkldnn._linear_pointwise.binary(
+        padded_rows(x), padded_rows(residual), weight, bias, "add"
+    )[: x.shape[0]]
 
 
 class PackedLinear(nn.Linear):
