@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .cpu_linears import Packed, PackedLinear, can_prepack, prepack, product, product_plus
-from .decoding import Segment, joined
+from .cpu_linears import ROW_MULTIPLE, Packed, PackedLinear, can_prepack, padded_rows, prepack, product, product_plus
+from .decoding import Segment
 from .modeling import AddNorm, DecoderLayer
 
 #: Attention implementations whose masks ``F.scaled_dot_product_attention`` reads as they are (boolean or additive).
@@ -85,10 +85,15 @@ def _weights_key(layer: DecoderLayer) -> tuple | None:
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
-def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Eq. 1 over ``[batch, heads, len, d_k]`` heads; returns ``[batch · len, heads · d_k]`` (heads concatenated)."""
-    heads = F.scaled_dot_product_attention(query, key, value, mask)
-    return heads.transpose(1, 2).flatten(0, 1).flatten(1)
+def _padded_rows_of(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The parts' rows one after the other, padded as :func:`vaswani.cpu_linears.padded_rows` pads (one copy)."""
+    if len(parts) == 1:
+        return padded_rows(parts[0])
+    total = sum(part.shape[0] for part in parts)
+    out = parts[0].new_empty(total + -total % ROW_MULTIPLE, parts[0].shape[1])
+    out[total:].zero_()
+    torch.cat(parts, out=out[:total])
+    return out
 
 
 def _residual(add_norm: AddNorm, residual: torch.Tensor, attended: torch.Tensor, packed: Packed) -> torch.Tensor:
@@ -132,23 +137,30 @@ class FusedDecoderLayer(DecoderLayer):
         heads, d_k, layer = self.self_attn.num_heads, self.self_attn.head_dim, self.self_attn.layer_idx
         shapes = [segment.hidden.shape for segment in segments]
         rows = [batch * length for batch, length, _ in shapes]
-        x = joined([segment.hidden.reshape(-1, shape[-1]) for segment, shape in zip(segments, shapes)])
+        total = sum(rows)
+        # The rows stay padded to the products' multiple (cpu_linears.padded_rows) from layer input to output:
+        # only the attention outputs are written into padded buffers, not every product's input copied.
+        x = _padded_rows_of([segment.hidden.reshape(-1, shape[-1]) for segment, shape in zip(segments, shapes)])
 
         def per_batch(projected: torch.Tensor, attend) -> torch.Tensor:
-            """Heads ``[batch, heads, length, ·]`` of each batch's rows of ``projected``, attended by ``attend``."""
-            return joined([
-                attend(part.view(batch, length, -1, heads, d_k).transpose(1, 3).squeeze(2), segment)
-                for part, (batch, length, _), segment in zip(projected.split(rows), shapes, segments)
-            ])
+            """The heads ``[batch, heads, length, ·]`` of each batch's rows of ``projected``, attended by
+            ``attend``, concatenated (§3.2.2) into rows padded as ``x``'s (the padding zero)."""
+            out = projected.new_empty(x.shape[0], heads * d_k)
+            out[total:].zero_()
+            parts = zip(projected[:total].split(rows), out[:total].split(rows), shapes, segments)
+            for part, dest, (batch, length, _), segment in parts:
+                attended = attend(part.view(batch, length, -1, heads, d_k).transpose(1, 3).squeeze(2), segment)
+                dest.view(batch, length, heads, d_k).copy_(attended.transpose(1, 2))
+            return out
 
         def self_attention(qkv: torch.Tensor, segment: Segment) -> torch.Tensor:
             query, key, value = qkv.unbind(2)
             keys, values = segment.cache.self_attention_cache.update(key, value, layer)
-            return _attention(query, keys, values, segment.self_mask)
+            return F.scaled_dot_product_attention(query, keys, values, segment.self_mask)
 
         def cross_attention(query: torch.Tensor, segment: Segment) -> torch.Tensor:
             source = segment.cache.cross_attention_cache.layers[layer]
-            return _attention(query, source.keys, source.values, segment.cross_mask)
+            return F.scaled_dot_product_attention(query, source.keys, source.values, segment.cross_mask)
 
         qkv = product(self.self_attn_add_norm.sublayer_input(x), weights.self_qkv)
         x = _residual(self.self_attn_add_norm, x, per_batch(qkv, self_attention), weights.self_out)
@@ -162,7 +174,7 @@ class FusedDecoderLayer(DecoderLayer):
         if not fused_relu:
             inner = activation(inner)
         x = _residual(self.feed_forward_add_norm, x, inner, weights.ffn_out)
-        return [part.view(shape) for part, shape in zip(x.split(rows), shapes)]
+        return [part.view(shape) for part, shape in zip(x[:total].split(rows), shapes)]
 
     def _fusable(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> bool:
         """Whether these inputs may take the fused path (the weights aside, see :meth:`_fused_weights`)."""
