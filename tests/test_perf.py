@@ -80,52 +80,42 @@ def test_tune_allocator_is_opt_in():
         assert "'mmap_max': 0" in out
 
 
+#: A fresh process with a tiny model in eval mode, untuned; ``{action}`` starts training or decoding, then it prints
+#: the allocator settings and whether denormals are flushed.
+TUNING_PROBE = (
+    "import torch, vaswani.perf as p\n"
+    "from vaswani import VaswaniConfig, VaswaniForConditionalGeneration\n"
+    "model = VaswaniForConditionalGeneration(VaswaniConfig.from_preset('tiny', vocab_size=32)).eval()\n"
+    "assert p.allocator_settings() is None and (torch.tensor([1e-39]) * 1.0).item() != 0.0\n"
+    "{action}\n"
+    "print(p.allocator_settings(), (torch.tensor([1e-39]) * 1.0).item() == 0.0)\n"
+)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 @pytest.mark.parametrize("setting", [None, "0"])
-def test_a_model_tunes_cpu_training_when_it_first_trains(setting):
-    """A Trainer or a hand-written loop gets ``vaswani train``'s process settings from ``model.train()``: not at
-    construction or in eval mode, once, and not with ``VASWANI_TUNE_CPU=0``."""
-    code = (
-        "import torch, vaswani.perf as p\n"
-        "from vaswani import VaswaniConfig, VaswaniForConditionalGeneration\n"
-        "model = VaswaniForConditionalGeneration(VaswaniConfig.from_preset('tiny', vocab_size=32)).eval()\n"
-        "assert p.allocator_settings() is None and (torch.tensor([1e-39]) * 1.0).item() != 0.0\n"
-        "model.train()\n"
-        "print(p.allocator_settings(), (torch.tensor([1e-39]) * 1.0).item() == 0.0)\n"
-    )
+@pytest.mark.parametrize(
+    ("action", "flushes"),
+    [
+        ("model.train()", True),  # training gets both settings
+        ("model.generate(torch.tensor([[5, 6, 2]]), num_beams=2, max_new_tokens=3)", False),  # decoding: allocator
+    ],
+)
+def test_a_model_tunes_the_cpu_when_it_first_trains_or_generates(setting, action, flushes):
+    """A Trainer or a hand-written loop gets ``vaswani train``'s process settings from ``model.train()``, and
+    ``generate()`` (so ``translate``, ``pipeline`` and ``vaswani translate``) the allocator setting alone
+    (denormals stay as they are in inference): not at construction or in eval mode, and not with
+    ``VASWANI_TUNE_CPU=0``."""
     env = {key: value for key, value in os.environ.items() if key != perf.TUNE_ENV}
     if setting is not None:
         env[perf.TUNE_ENV] = setting
+    code = TUNING_PROBE.format(action=action)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     if setting == "0":
         assert out.stdout.split() == ["None", "False"]
     else:
-        assert "'mmap_max': 0" in out.stdout and out.stdout.split()[-1] == "True"
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
-@pytest.mark.parametrize("setting", [None, "0"])
-def test_a_model_keeps_freed_memory_when_it_first_generates(setting):
-    """``generate()`` (and so ``translate``, ``pipeline`` and ``vaswani translate``) applies the allocator setting
-    the first time, and only it: denormals stay as they are in inference."""
-    code = (
-        "import torch, vaswani.perf as p\n"
-        "from vaswani import VaswaniConfig, VaswaniForConditionalGeneration\n"
-        "model = VaswaniForConditionalGeneration(VaswaniConfig.from_preset('tiny', vocab_size=32)).eval()\n"
-        "assert p.allocator_settings() is None\n"
-        "model.generate(torch.tensor([[5, 6, 2]]), num_beams=2, max_new_tokens=3)\n"
-        "print(p.allocator_settings(), (torch.tensor([1e-39]) * 1.0).item() == 0.0)\n"
-    )
-    env = {key: value for key, value in os.environ.items() if key != perf.TUNE_ENV}
-    if setting is not None:
-        env[perf.TUNE_ENV] = setting
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
-    if setting == "0":
-        assert out.stdout.split() == ["None", "False"]
-    else:
-        assert "'mmap_max': 0" in out.stdout and out.stdout.split()[-1] == "False"
+        assert "'mmap_max': 0" in out.stdout and out.stdout.split()[-1] == str(flushes)
 
 
 def test_tune_cpu_training_flushes_denormals():
