@@ -63,6 +63,14 @@ def padded_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, 0, 0, extra)) if extra else x
 
 
+def padded_empty(rows: int, columns: int, like: torch.Tensor) -> torch.Tensor:
+    """A ``[rows, columns]`` tensor (``like``'s dtype and device) to be written, followed by zero rows up to a
+    multiple of :data:`ROW_MULTIPLE`, as :func:`padded_rows` would give it."""
+    out = like.new_empty(rows + -rows % ROW_MULTIPLE, columns)
+    out[rows:].zero_()
+    return out
+
+
 def product(x: torch.Tensor, packed: Packed, activation: str = "none") -> torch.Tensor:
     """``activation(x Wᵀ + b)`` for the rows of ``x`` (``"none"`` or ``"relu"``, applied inside the product)."""
     weight, bias = packed

@@ -24,7 +24,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .cpu_linears import ROW_MULTIPLE, Packed, PackedLinear, can_prepack, padded_rows, prepack, product, product_plus
+from .cpu_linears import (
+    Packed,
+    PackedLinear,
+    can_prepack,
+    padded_empty,
+    padded_rows,
+    prepack,
+    product,
+    product_plus,
+)
 from .decoding import Segment
 from .modeling import AddNorm, DecoderLayer
 
@@ -90,8 +99,7 @@ def _padded_rows_of(parts: list[torch.Tensor]) -> torch.Tensor:
     if len(parts) == 1:
         return padded_rows(parts[0])
     total = sum(part.shape[0] for part in parts)
-    out = parts[0].new_empty(total + -total % ROW_MULTIPLE, parts[0].shape[1])
-    out[total:].zero_()
+    out = padded_empty(total, parts[0].shape[1], parts[0])
     torch.cat(parts, out=out[:total])
     return out
 
@@ -145,8 +153,7 @@ class FusedDecoderLayer(DecoderLayer):
         def per_batch(projected: torch.Tensor, attend) -> torch.Tensor:
             """The heads ``[batch, heads, length, ·]`` of each batch's rows of ``projected``, attended by
             ``attend``, concatenated (§3.2.2) into rows padded as ``x``'s (the padding zero)."""
-            out = projected.new_empty(x.shape[0], heads * d_k)
-            out[total:].zero_()
+            out = padded_empty(total, heads * d_k, projected)
             parts = zip(projected[:total].split(rows), out[:total].split(rows), shapes, segments)
             for part, dest, (batch, length, _), segment in parts:
                 attended = attend(part.view(batch, length, -1, heads, d_k).transpose(1, 3).squeeze(2), segment)
