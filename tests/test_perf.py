@@ -142,6 +142,19 @@ def test_tune_cpu_training_flushes_denormals():
 )
 def test_has_fast_bf16_needs_the_flags_and_a_measured_gain(cpuinfo, speedup, expected, monkeypatch):
     """The flags decide whether measuring is worth it (emulated bf16 would take seconds); the measurement decides."""
+
+    def measured() -> float:
+        assert speedup is not None, "measured bf16 on a CPU without bf16 products"
+        return speedup
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _fake_cpuinfo(monkeypatch, cpuinfo)
+    monkeypatch.setattr(perf, "bf16_speedup", measured)
+    assert perf.has_fast_bf16() is expected
+
+
+def _fake_cpuinfo(monkeypatch, text: str | None) -> None:
+    """``/proc/cpuinfo`` reads as ``text`` (None: there is no such file, as on macOS or Windows)."""
     import builtins
     import io
 
@@ -150,18 +163,32 @@ def test_has_fast_bf16_needs_the_flags_and_a_measured_gain(cpuinfo, speedup, exp
     def fake_open(path, *args, **kwargs):
         if path != "/proc/cpuinfo":
             return real_open(path, *args, **kwargs)
-        if cpuinfo is None:
+        if text is None:
             raise FileNotFoundError(path)
-        return io.StringIO(cpuinfo)
+        return io.StringIO(text)
 
-    def measured() -> float:
-        assert speedup is not None, "measured bf16 on a CPU without bf16 products"
-        return speedup
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(builtins, "open", fake_open)
-    monkeypatch.setattr(perf, "bf16_speedup", measured)
-    assert perf.has_fast_bf16() is expected
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "emulated"),
+    [
+        ("processor : 0\nflags : fpu sse avx2 fma\n", True),  # AVX2 only (e.g. AMD Zen 3)
+        ("processor : 0\nflags : fpu sse avx2 avx512f\n", True),  # AVX-512 without bf16
+        ("processor : 0\nflags : fpu sse avx512f avx512_bf16\n", False),
+        ("processor : 0\nFeatures : fp asimd bf16 i8mm\n", False),  # Arm
+        (None, False),  # flags unknown: no warning on a guess
+    ],
+)
+def test_bf16_on_a_cpu_that_emulates_it_warns(cpuinfo, emulated, monkeypatch, recwarn):
+    """Asking for bf16 where the CPU has no bf16 products warns, naming the fix; elsewhere nothing is said."""
+    _fake_cpuinfo(monkeypatch, cpuinfo)
+    assert perf.bf16_is_emulated() is emulated
+    perf.warn_if_bf16_emulated("training")
+    said = [str(w.message) for w in recwarn if "bf16 products" in str(w.message)]
+    assert said == (["training in bfloat16 on a CPU without bf16 products (amx_bf16, avx512_bf16, bf16 in "
+                     "/proc/cpuinfo): PyTorch emulates them, many times slower than float32; use float32 on this "
+                     "machine"] if emulated else [])
 
 
 def test_bf16_speedup_measures_a_ratio_of_matrix_products():

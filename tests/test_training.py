@@ -22,6 +22,7 @@ from transformers import (
     TrainingArguments,
 )
 
+from vaswani import perf
 from vaswani.cli import main
 from vaswani.demo.numbers import make_number_corpus, write_parallel_corpus
 from vaswani.training.averaging import run_of
@@ -269,6 +270,13 @@ def test_config_mistakes_are_errors_naming_the_nearest_key(corpus_dir, tmp_path)
     assert (model.config.d_model, model.generation_config.num_beams, model.generation_config.max_len_b) == (32, 2, 9)
     with pytest.warns(UserWarning, match="a 'marian' config.*static_position_embeddings are ignored"):
         check_config_dict({"model_type": "marian", "d_model": 32, "static_position_embeddings": True}, "config.json")
+
+
+def test_bf16_training_on_a_cpu_that_emulates_it_warns(corpus_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(perf, "bf16_is_emulated", lambda: True)
+    with pytest.warns(UserWarning, match="training in bfloat16 on a CPU without bf16 products.*use float32"):
+        result = train(settings_for(corpus_dir, tmp_path / "run", bf16=True, max_steps=1, average_last=1))
+    assert result.steps == 1  # a warning, not a refusal
 
 
 def test_non_finite_loss_stops_without_saving():

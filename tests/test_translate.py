@@ -5,8 +5,10 @@ import io
 import sys
 
 import pytest
+import torch
 from translation_helpers import make_model_folder
 
+from vaswani import perf
 from vaswani.cli import main
 from vaswani.translate import _one_line, load_translation_model, token_batches, translate
 
@@ -108,6 +110,13 @@ def test_folder_without_tokenizer_is_refused_clearly(folder, tmp_path, capsys):
         (bare / name).write_bytes((folder / name).read_bytes())
     message = _error_of(["translate", str(bare), "Hello."], capsys)
     assert "has no tokenizer" in message and "tokenizer.save_pretrained" in message
+
+
+def test_bfloat16_on_a_cpu_that_emulates_it_warns_when_loading(folder, monkeypatch):
+    monkeypatch.setattr(perf, "bf16_is_emulated", lambda: True)
+    with pytest.warns(UserWarning, match="translating in bfloat16 on a CPU without bf16 products.*use float32"):
+        model, _ = load_translation_model(folder, dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16  # a warning, not a refusal
 
 
 def test_unreachable_hub_id_says_how_to_use_a_folder(capsys, monkeypatch):

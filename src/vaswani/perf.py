@@ -32,6 +32,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -125,6 +126,24 @@ def has_fast_bf16() -> bool:
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     return bool(_cpuinfo()[1] & BF16_FLAGS) and bf16_speedup() >= BF16_MIN_SPEEDUP
+
+
+def bf16_is_emulated() -> bool:
+    """Whether this CPU lacks bf16 products: Linux's ``/proc/cpuinfo`` lists its flags and none of
+    :data:`BF16_FLAGS` (False where the flags are unknown). PyTorch then emulates every bf16 product."""
+    flags = _cpuinfo()[1]
+    return bool(flags) and not flags & BF16_FLAGS
+
+
+def warn_if_bf16_emulated(task: str) -> None:
+    """Warn that ``task`` (e.g. "training") in bf16 on this CPU will crawl, if :func:`bf16_is_emulated`: a user
+    who asked for bf16 expects it to be faster than fp32, and where it is emulated it is far slower."""
+    if bf16_is_emulated():
+        warnings.warn(
+            f"{task} in bfloat16 on a CPU without bf16 products ({', '.join(sorted(BF16_FLAGS))} in /proc/cpuinfo): "
+            "PyTorch emulates them, many times slower than float32; use float32 on this machine",
+            stacklevel=3,
+        )
 
 
 @functools.cache

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .perf import warn_if_bf16_emulated
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Loaded in float32, then every linear layer in int8 (:mod:`vaswani.cpu_linears`; CPU).
 INT8 = "int8"
@@ -133,6 +135,8 @@ def load_translation_model(
     if dtype == INT8 and torch.device(device).type != "cpu":
         raise ValueError(f"dtype int8 runs on the CPU only (torch's int8 products); use --device cpu, or bfloat16 "
                          f"on {device}")
+    if dtype == "bfloat16" and torch.device(device).type == "cpu":
+        warn_if_bf16_emulated("translating")
     name = os.fspath(model_id_or_path)
     source = Path(name).expanduser()
     if source.exists():

@@ -33,7 +33,7 @@ from ..configuration import (
 )
 from ..generation import known_generation_keys
 from ..modeling import VaswaniForConditionalGeneration
-from ..perf import tune_cpu_training
+from ..perf import tune_cpu_training, warn_if_bf16_emulated
 from ..tokenization import load_tokenizer
 from .averaging import RunIdentity, average_checkpoints, collect_checkpoints, numbered_checkpoints
 from .data import load_parallel_corpus, tokenize_corpus, train_tokenizer_from_corpus
@@ -524,6 +524,8 @@ def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) ->
     start_model, start_tokenizer = fine_tuning_start(settings) if settings.init_from else (None, None)
     if state.device.type == "cpu":
         tune_cpu_training()
+        if settings.args.bf16:
+            warn_if_bf16_emulated("training")
     run_id = (settings.resume and _read_run_file(settings.output_dir).get("run_id")) or uuid.uuid4().hex
     # One process prepares the folder and the tokenizer, the others load it. The processes waiting for another
     # learn of its failure as a lost peer, and say so in one line (explained_stops), not with a traceback.
