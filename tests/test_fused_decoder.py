@@ -53,10 +53,12 @@ def test_search_results_are_those_of_the_model_layers(loop, search, normalize_be
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])  # ReLU inside the product; GELU after it
-def test_step_logits_match_the_model_layers_within_1e_5(activation):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # boolean masks; additive masks
+def test_step_logits_match_the_model_layers_within_1e_5(activation, attention):
     from vaswani.decoding import IncrementalDecoder
 
     model = tiny_model(seed=5, activation_function=activation)
+    model.set_attn_implementation(attention)
     ids, mask = padded_batch(lengths=(8, 5))
     tokens = torch.tensor([[2, 7, 9, 11, 13, 17], [2, 8, 10, 12, 14, 16]])
     with torch.no_grad():

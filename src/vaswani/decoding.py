@@ -247,6 +247,13 @@ class SpareBuffers:
         del self.free[: max(len(self.free) - self.keep, 0)]
 
 
+def _source_keys_values(attention: nn.Module, encoder_states: torch.Tensor) -> SourceKeysValues:
+    """One layer's encoder-decoder keys and values, ``[sentences, heads, source length, d_k]``, contiguous: each
+    step's attention then reads them without a copy."""
+    keys, values = (attention.split_heads(linear(encoder_states)) for linear in (attention.k_proj, attention.v_proj))
+    return SourceKeysValues(keys.contiguous(), values.contiguous())
+
+
 class IncrementalDecoder:
     """The model's decoder and output layer run one position at a time over sentences × beams, with the
     encoder-decoder keys and values projected once per sentence (fairseq's incremental decoding).
@@ -280,10 +287,7 @@ class IncrementalDecoder:
         self.sentences = encoder_states.shape[0]
         self.encoder_states = encoder_states.clone()  # rows are moved in place when sentences leave
         self.source_mask = source_mask
-        self.cross = [
-            SourceKeysValues(*(attn.split_heads(linear(encoder_states)) for linear in (attn.k_proj, attn.v_proj)))
-            for attn in (layer.encoder_attn for layer in self.decoder.layers)
-        ]
+        self.cross = [_source_keys_values(layer.encoder_attn, encoder_states) for layer in self.decoder.layers]
         self.cross_mask = self._cross_attention_mask()
         self.self_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cache = BeamSlotCache(self)

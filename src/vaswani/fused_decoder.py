@@ -104,6 +104,21 @@ def _padded_rows_of(parts: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def attention_over_source(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Encoder-decoder attention (§3.2.3) at one position, Eq. 1 written out: softmax(Q Kᵀ / sqrt(d_k)) V for each
+    sentence's beams ``[sentences, heads, beams, d_k]`` over its source ``[sentences, heads, source, d_k]``
+    (contiguous, else ``matmul`` copies them); ``mask`` boolean (True = attend) or additive, as the model's sdpa
+    or eager masks are. torch's fused CPU kernel, made for long blocks of queries and keys, gains nothing here with
+    one thread and loses with two: it parallelises over (sentence, head) blocks of a few products each, which
+    then run slower than one thread alone (measured in situ: benchmarks/HISTORY.md)."""
+    scores = torch.matmul(query, keys.transpose(-1, -2)).mul_(query.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else scores.add_(mask)
+    return torch.matmul(torch.softmax(scores, dim=-1), values)
+
+
 def _residual(add_norm: AddNorm, residual: torch.Tensor, attended: torch.Tensor, packed: Packed) -> torch.Tensor:
     """Add & Norm (§3.1) around a sub-layer whose last product is ``packed``, applied to ``attended``."""
     x = product_plus(attended, packed, residual)
@@ -167,7 +182,7 @@ class FusedDecoderLayer(DecoderLayer):
 
         def cross_attention(query: torch.Tensor, segment: Segment) -> torch.Tensor:
             source = segment.cache.cross_attention_cache.layers[layer]
-            return F.scaled_dot_product_attention(query, source.keys, source.values, segment.cross_mask)
+            return attention_over_source(query, source.keys, source.values, segment.cross_mask)
 
         qkv = product(self.self_attn_add_norm.sublayer_input(x), weights.self_qkv)
         x = _residual(self.self_attn_add_norm, x, per_batch(qkv, self_attention), weights.self_out)
