@@ -110,9 +110,8 @@ def attention_over_source(
     """Encoder-decoder attention (§3.2.3) at one position, Eq. 1 written out: softmax(Q Kᵀ / sqrt(d_k)) V for each
     sentence's beams ``[sentences, heads, beams, d_k]`` over its source ``[sentences, heads, source, d_k]``
     (contiguous, else ``matmul`` copies them); ``mask`` boolean (True = attend) or additive, as the model's sdpa
-    or eager masks are. torch's fused CPU kernel, made for long blocks of queries and keys, gains nothing here with
-    one thread and loses with two: it parallelises over (sentence, head) blocks of a few products each, which
-    then run slower than one thread alone (measured in situ: benchmarks/HISTORY.md)."""
+    or eager masks are. torch's fused CPU kernel, made for long blocks of queries and keys, was no faster on these
+    few queries per sentence with one thread, and slower with two threads than with one (benchmarks/HISTORY.md)."""
     scores = torch.matmul(query, keys.transpose(-1, -2)).mul_(query.shape[-1] ** -0.5)
     if mask is not None:
         scores = scores.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else scores.add_(mask)
