@@ -8,6 +8,7 @@ seven weight matrices, and on a CPU much of a step goes to the operations betwee
 * the masked self-attention's Q, K and V projections (§3.2.2) as one product, their weights side by side;
 * each sub-layer's residual connection (§3.1, x + Sublayer(x)) added inside the sub-layer's last product;
 * the feed-forward network's ReLU (§3.3, Eq. 2) applied inside its first product;
+* both attentions, a few queries per sentence, as Eq. 1 written out (:func:`attention`), not torch's fused kernel;
 
 with every weight prepacked once for oneDNN, as :class:`vaswani.cpu_linears.PackedLinear` does. The sums are
 taken in another order (differences around 1e-6). It is a ``DecoderLayer`` with the same parameters, so it saves,
@@ -22,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .cpu_linears import (
     Packed,
@@ -37,7 +37,7 @@ from .cpu_linears import (
 from .decoding import Segment
 from .modeling import AddNorm, DecoderLayer
 
-#: Attention implementations whose masks ``F.scaled_dot_product_attention`` reads as they are (boolean or additive).
+#: Attention implementations whose masks :func:`attention` reads as they are (boolean or additive).
 FUSABLE_ATTENTION = ("eager", "sdpa")
 
 
@@ -104,14 +104,13 @@ def _padded_rows_of(parts: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def attention_over_source(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
-) -> torch.Tensor:
-    """Encoder-decoder attention (§3.2.3) at one position, Eq. 1 written out: softmax(Q Kᵀ / sqrt(d_k)) V for each
-    sentence's beams ``[sentences, heads, beams, d_k]`` over its source ``[sentences, heads, source, d_k]``
-    (contiguous, else ``matmul`` copies them); ``mask`` boolean (True = attend) or additive, as the model's sdpa
-    or eager masks are. torch's fused CPU kernel, made for long blocks of queries and keys, was no faster on these
-    few queries per sentence with one thread, and slower with two threads than with one (benchmarks/HISTORY.md)."""
+def attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention at one position (§3.2.1, Eq. 1 written out): softmax(Q Kᵀ / sqrt(d_k)) V for each sentence's
+    queries (its beams, ``[sentences, heads, beams, d_k]``) over its keys and values (``[sentences, heads, keys,
+    d_k]``, whose last two dimensions contiguous, else ``matmul`` copies them); ``mask`` boolean (True = attend) or
+    additive, as the model's sdpa or eager masks are. torch's fused CPU kernel, made for long blocks of queries and
+    keys, was no faster on these few queries per sentence with one thread, and slower with two threads
+    (benchmarks/HISTORY.md)."""
     scores = torch.matmul(query, keys.transpose(-1, -2)).mul_(query.shape[-1] ** -0.5)
     if mask is not None:
         scores = scores.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else scores.add_(mask)
@@ -177,11 +176,11 @@ class FusedDecoderLayer(DecoderLayer):
         def self_attention(qkv: torch.Tensor, segment: Segment) -> torch.Tensor:
             query, key, value = qkv.unbind(2)
             keys, values = segment.cache.self_attention_cache.update(key, value, layer)
-            return F.scaled_dot_product_attention(query, keys, values, segment.self_mask)
+            return attention(query, keys, values, segment.self_mask)
 
         def cross_attention(query: torch.Tensor, segment: Segment) -> torch.Tensor:
             source = segment.cache.cross_attention_cache.layers[layer]
-            return attention_over_source(query, source.keys, source.values, segment.cross_mask)
+            return attention(query, source.keys, source.values, segment.cross_mask)
 
         qkv = product(self.self_attn_add_norm.sublayer_input(x), weights.self_qkv)
         x = _residual(self.self_attn_add_norm, x, per_batch(qkv, self_attention), weights.self_out)
