@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 from multi30k_data import add_data_argument, require_files
-from translate_bench import ALPHA, BEAM, MAX_LEN_A, MAX_LEN_B, _ct2_translate, _ctranslate2_model
+from transformers import AutoConfig
+from translate_bench import BEAM, HF_DECODING, _ct2_translate, _ctranslate2_model
 
 from vaswani.perf import cpu_description, tune_allocator
 from vaswani.training.data import read_lines
@@ -67,9 +68,7 @@ def _worker(args: argparse.Namespace) -> None:
         translator = _ctranslate2_model(args.model, Path(args.folder), "float32", args.threads)
         run = lambda: _ct2_translate(translator, tokenizer, sources, args.max_tokens)  # noqa: E731
     else:
-        run = lambda: translate(  # noqa: E731
-            model, tokenizer, sources, max_tokens=args.max_tokens, num_beams=BEAM, length_penalty=ALPHA,
-            length_penalty_type="hf", max_len_a=MAX_LEN_A, max_len_b=MAX_LEN_B, early_stopping=True)
+        run = lambda: translate(model, tokenizer, sources, max_tokens=args.max_tokens, **HF_DECODING)  # noqa: E731
     run()
     print("START", flush=True)
     start = time.perf_counter()
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         _worker(args)
         return
-    config = load_translation_model(args.model, fast_linears=False)[0].config
+    config = AutoConfig.from_pretrained(args.model)  # its layer widths tell linear layers from attention
     features = {config.d_model, config.decoder_ffn_dim, config.encoder_ffn_dim}
     print(f"{cpu_description()}; torch {torch.__version__}; {args.threads} threads; {args.limit} sentences of "
           f"{Path(args.source).name}, beam {BEAM}, max_tokens {args.max_tokens}; products timed with ONEDNN_VERBOSE=1 "

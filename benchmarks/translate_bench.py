@@ -56,6 +56,9 @@ def bleu(hypotheses: list[str], references: list[str]) -> float:
 
 #: The decoding every system uses (transformers' and CTranslate2's length penalty is score / |Y|^α).
 BEAM, ALPHA, MAX_LEN_A, MAX_LEN_B = 4, 0.6, 1.0, 50
+#: ``translate`` settings that decode as the other systems do (transformers' length-penalty form).
+HF_DECODING = {"num_beams": BEAM, "length_penalty": ALPHA, "length_penalty_type": "hf", "max_len_a": MAX_LEN_A,
+               "max_len_b": MAX_LEN_B, "early_stopping": True}
 
 
 def _timed(fn: Callable[[], list[str]]) -> tuple[list[str], float]:
@@ -110,21 +113,19 @@ def _systems(args, sources: list[str], folder: Path) -> dict[str, Callable[[], l
     lengths = [len(ids) for ids in tokenizer(sources)["input_ids"]]
     sorted_batches = token_batches(lengths, args.max_tokens)
     file_order_batches = [list(range(i, min(i + 32, len(sources)))) for i in range(0, len(sources), 32)]
-    hf_decoding = {"num_beams": BEAM, "length_penalty": ALPHA, "length_penalty_type": "hf",
-                   "max_len_a": MAX_LEN_A, "max_len_b": MAX_LEN_B, "early_stopping": True}
     models = {"fp32": model, "bf16": load_translation_model(args.model, dtype="bfloat16")[0],
               "int8": load_translation_model(args.model, dtype="int8")[0]}
     systems: dict[str, Callable[[], list[str]]] = {}
     for short, m in models.items():
         systems[f"vaswani translate, {short}"] = lambda m=m: translate(
-            m, tokenizer, sources, max_tokens=args.max_tokens, **hf_decoding)
+            m, tokenizer, sources, max_tokens=args.max_tokens, **HF_DECODING)
     systems["vaswani translate, fp32, one generate() per batch (no continuous batching)"] = lambda: translate(
-        model, tokenizer, sources, max_tokens=args.max_tokens, continuous_batching=False, **hf_decoding)
+        model, tokenizer, sources, max_tokens=args.max_tokens, continuous_batching=False, **HF_DECODING)
     layer_by_layer = pack_linear_layers(load_translation_model(args.model, fast_linears=False)[0])
     systems["vaswani translate, fp32, decoder layer by layer (no FusedDecoderLayer)"] = lambda: translate(
-        layer_by_layer, tokenizer, sources, max_tokens=args.max_tokens, **hf_decoding)
+        layer_by_layer, tokenizer, sources, max_tokens=args.max_tokens, **HF_DECODING)
     systems["vaswani translate, fp32, paper decoding (GNMT)"] = lambda: translate(
-        model, tokenizer, sources, max_tokens=args.max_tokens, **{**hf_decoding, "length_penalty_type": "gnmt"})
+        model, tokenizer, sources, max_tokens=args.max_tokens, **{**HF_DECODING, "length_penalty_type": "gnmt"})
     for short in ("fp32", "bf16"):
         marian = vaswani_to_marian(models[short])
         systems[f"MarianMTModel.generate, {short}, same sorted batches"] = lambda marian=marian: _marian_translate(
@@ -147,7 +148,7 @@ def _systems(args, sources: list[str], folder: Path) -> dict[str, Callable[[], l
 
     systems["vaswani translate --engine ctranslate2, fp32"] = lambda: translate_ctranslate2(
         folder / "ct2", sources, threads=args.threads, max_tokens=args.max_tokens,
-        **{key: value for key, value in hf_decoding.items() if key != "early_stopping"})
+        **{key: value for key, value in HF_DECODING.items() if key != "early_stopping"})
     return systems
 
 
