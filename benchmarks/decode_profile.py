@@ -77,7 +77,7 @@ def instrument(model, timer: PartTimer) -> list[str]:
         # The fused path calls these module functions; the layers' own time less theirs is the rest.
         for name, part in (("product", "decoder layers: matrix products"),
                            ("product_plus", "decoder layers: matrix products"),
-                           ("_attention", "decoder layers: attention (Eq. 1)")):
+                           ("attention", "decoder layers: attention (Eq. 1)")):
             setattr(fused_decoder, name, timer.wrap(part, getattr(fused_decoder, name)))
         decoder.update = timer.wrap("decoder layers: self-attention cache writes", decoder.update)
         for layer in layers:
