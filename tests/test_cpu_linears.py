@@ -12,14 +12,18 @@ from translation_helpers import make_model_folder
 
 from vaswani.cli import main
 from vaswani.cpu_linears import (
+    MKL_MARGIN,
     ROW_MULTIPLE,
     Int8Linear,
     PackedLinear,
     can_prepack,
+    faster_backend,
+    measure_backends,
     pack_linear_layers,
     padded_rows,
     prepack,
     product,
+    product_backend,
     product_plus,
     quantize_linear_layers,
     quantize_rows,
@@ -70,7 +74,7 @@ needs_prepack = pytest.mark.skipif(not can_prepack(), reason="this torch has no 
 
 
 @needs_prepack
-def test_packed_linear_computes_the_same_function():
+def test_packed_linear_computes_the_same_function(products_backend):
     torch.manual_seed(0)
     for linear in (nn.Linear(64, 300), nn.Linear(48, 16, bias=False)):
         x = torch.randn(3, 7, linear.in_features)
@@ -85,7 +89,7 @@ def test_packed_linear_computes_the_same_function():
 
 
 @needs_prepack
-def test_translation_models_load_packed_with_the_same_outputs(folder):
+def test_translation_models_load_packed_with_the_same_outputs(folder, products_backend):
     sentences = ["A dog runs.", "Two men are talking in the street.", "", "A woman reads a book."]
     plain, tokenizer = load_translation_model(folder, fast_linears=False)
     packed, _ = load_translation_model(folder)
@@ -134,7 +138,7 @@ def test_int8_off_the_cpu_is_refused(folder):
 
 
 @needs_prepack
-def test_products_of_any_row_count_are_the_layer_on_those_rows():
+def test_products_of_any_row_count_are_the_layer_on_those_rows(products_backend):
     """The rows are padded to a multiple of ROW_MULTIPLE for oneDNN (one kernel for many counts), and the padding
     never reaches the result: each row count gives the plain layer's rows, the residual and ReLU included."""
     torch.manual_seed(0)
@@ -150,3 +154,65 @@ def test_products_of_any_row_count_are_the_layer_on_those_rows():
             torch.testing.assert_close(product_plus(x, packed, residual), expected + residual, rtol=1e-5, atol=1e-5)
             assert product(x, packed).shape == (rows, 24)
     assert padded_rows(x) is x  # a multiple already: no copy
+
+
+@needs_prepack
+def test_a_changed_backend_lays_the_weight_out_again(monkeypatch):
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 40)
+    packed, x = PackedLinear.from_linear(linear), torch.randn(5, 24)
+    with torch.no_grad():
+        for backend in ("onednn", "mkl", "onednn"):
+            if backend == "mkl" and not torch.backends.mkl.is_available():
+                continue
+            monkeypatch.setenv("VASWANI_CPU_PRODUCTS", backend)
+            product_backend.cache_clear()
+            torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+            assert packed._packed_key[0] == backend
+    product_backend.cache_clear()
+
+
+def test_the_backend_named_in_the_environment_is_used_or_refused(monkeypatch):
+    monkeypatch.setenv("VASWANI_CPU_PRODUCTS", " OneDNN ")
+    product_backend.cache_clear()
+    assert product_backend() == "onednn"
+    monkeypatch.setenv("VASWANI_CPU_PRODUCTS", "blas")
+    product_backend.cache_clear()
+    with pytest.raises(ValueError, match="'blas' is not a backend: use one of onednn, mkl, or leave it unset"):
+        product_backend()
+    product_backend.cache_clear()
+
+
+@needs_prepack
+def test_a_bad_backend_stops_the_cli_with_the_fix(folder, tmp_path, monkeypatch, capsys):
+    source = tmp_path / "in.txt"
+    source.write_text("A dog runs.\n")
+    monkeypatch.setenv("VASWANI_CPU_PRODUCTS", "blas")
+    product_backend.cache_clear()
+    with pytest.raises(SystemExit) as stop:
+        main(["translate", str(folder), "-i", str(source), "--no-progress"])
+    product_backend.cache_clear()
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert "VASWANI_CPU_PRODUCTS='blas' is not a backend" in error and "Traceback" not in error
+
+
+def test_mkl_is_chosen_only_when_clearly_faster():
+    assert faster_backend({"onednn": 1.0, "mkl": 0.9}) == "mkl"
+    assert faster_backend({"onednn": 1.0, "mkl": 1.0 - MKL_MARGIN / 2}) == "onednn"  # within the noise
+    assert faster_backend({"onednn": 1.0, "mkl": 1.3}) == "onednn"
+
+
+@needs_prepack
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="this torch has no MKL")
+def test_the_measurement_times_both_backends_on_one_thread_and_restores_the_threads():
+    threads = torch.get_num_threads()
+    seen = []
+    original = torch.set_num_threads
+    try:
+        torch.set_num_threads = lambda n: (seen.append(n), original(n))
+        seconds = measure_backends(rounds=1)
+    finally:
+        torch.set_num_threads = original
+    assert set(seconds) == {"onednn", "mkl"} and all(value > 0 for value in seconds.values())
+    assert seen == [1, threads] and torch.get_num_threads() == threads

@@ -41,7 +41,7 @@ def count_fused(monkeypatch):
 @pytest.mark.parametrize("loop", ["vaswani", "transformers"])
 @pytest.mark.parametrize("search", SEARCHES)
 @pytest.mark.parametrize("normalize_before", [False, True])
-def test_search_results_are_those_of_the_model_layers(loop, search, normalize_before, count_fused):
+def test_search_results_are_those_of_the_model_layers(loop, search, normalize_before, count_fused, products_backend):
     model = tiny_model(seed=3, normalize_before=normalize_before)
     ids, mask = padded_batch(lengths=(9, 6, 3, 7))
     kwargs = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 12, "decoding_loop": loop, **search}
@@ -54,7 +54,7 @@ def test_search_results_are_those_of_the_model_layers(loop, search, normalize_be
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])  # ReLU inside the product; GELU after it
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])  # boolean masks; additive masks
-def test_step_logits_match_the_model_layers_within_1e_5(activation, attention):
+def test_step_logits_match_the_model_layers_within_1e_5(activation, attention, products_backend):
     from vaswani.decoding import IncrementalDecoder
 
     model = tiny_model(seed=5, activation_function=activation)
@@ -85,7 +85,7 @@ def test_the_layers_own_forward_runs_in_training_and_with_gradients(count_fused)
     assert count_fused[0] == 0
 
 
-def test_changed_weights_are_packed_again():
+def test_changed_weights_are_packed_again(products_backend):
     model = fuse_decoder_layers(tiny_model(seed=2))
     ids, mask = padded_batch(lengths=(7, 4))
     kwargs = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 10, "num_beams": 3}

@@ -7,14 +7,15 @@ seven weight matrices, and on a CPU much of a step goes to the operations betwee
 
 * the masked self-attention's Q, K and V projections (§3.2.2) as one product, their weights side by side;
 * each sub-layer's residual connection (§3.1, x + Sublayer(x)) added inside the sub-layer's last product;
-* the feed-forward network's ReLU (§3.3, Eq. 2) applied inside its first product;
+* the feed-forward network's ReLU (§3.3, Eq. 2) applied with its first product (inside it, with oneDNN);
 * both attentions, a few queries per sentence, as Eq. 1 written out (:func:`attention`), not torch's fused kernel;
 
-with every weight prepacked once for oneDNN, as :class:`vaswani.cpu_linears.PackedLinear` does. The sums are
-taken in another order (differences around 1e-6). It is a ``DecoderLayer`` with the same parameters, so it saves,
-trains and converts as before; it takes the fused path only in eval mode without gradients, on float32 CPU
-tensors, one position at a time with a decoding cache whose encoder-decoder keys and values are ready, and
-with plain linear layers (no adapters or hooks). Everything else runs the layer's own ``forward``.
+with every weight laid out once for the products' backend (oneDNN or MKL), as
+:class:`vaswani.cpu_linears.PackedLinear` does. The sums are taken in another order (differences around 1e-6).
+It is a ``DecoderLayer`` with the same parameters, so it saves, trains and converts as before; it takes the
+fused path only in eval mode without gradients, on float32 CPU tensors, one position at a time with a decoding
+cache whose encoder-decoder keys and values are ready, and with plain linear layers (no adapters or hooks).
+Everything else runs the layer's own ``forward``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .cpu_linears import (
     padded_rows,
     prepack,
     product,
+    product_backend,
     product_plus,
 )
 from .decoding import Segment
@@ -42,8 +44,8 @@ FUSABLE_ATTENTION = ("eager", "sdpa")
 
 
 def pack(*linears: nn.Linear) -> Packed:
-    """The linear layers' weights side by side (their outputs concatenated), prepacked for oneDNN, and their
-    biases (None where they have none)."""
+    """The linear layers' weights side by side (their outputs concatenated), laid out for the products
+    (:func:`vaswani.cpu_linears.prepack`), and their biases (None where they have none)."""
     weight = torch.cat([linear.weight.detach() for linear in linears])
     bias = None if linears[0].bias is None else torch.cat([linear.bias.detach() for linear in linears])
     return prepack(weight), bias
@@ -86,12 +88,12 @@ def _is_plain(linear: nn.Module) -> bool:
 
 def _weights_key(layer: DecoderLayer) -> tuple | None:
     """What the fused weights were made from (None if a linear layer is not plain): a changed weight (an optimizer
-    step, ``load_state_dict``, ``to()``) or a replaced layer gives another key."""
+    step, ``load_state_dict``, ``to()``), a replaced layer or another products' backend gives another key."""
     linears = _linears(layer)
     if not all(_is_plain(linear) for linear in linears) or len({linear.bias is None for linear in linears[:3]}) > 1:
         return None
     tensors = [t for linear in linears for t in (linear.weight, linear.bias) if t is not None]
-    return tuple((t.data_ptr(), t._version) for t in tensors)
+    return (product_backend(), *((t.data_ptr(), t._version) for t in tensors))
 
 
 def _padded_rows_of(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -213,7 +215,7 @@ class FusedDecoderLayer(DecoderLayer):
     def _fused_weights(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cache
     ) -> FusedWeights | None:
-        """The prepacked weights if this call may take the fused path (made again when the weights changed)."""
+        """The laid-out weights if this call may take the fused path (made again when the weights changed)."""
         key = _weights_key(self) if self._fusable(hidden_states, attention_mask, cache) else None
         if key is None:
             return None

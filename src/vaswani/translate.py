@@ -116,7 +116,8 @@ def load_translation_model(
     (one of :data:`DTYPES`, or ``"int8"``: float32 with int8 linear layers, on the CPU).
 
     The model is for translating: with ``fast_linears`` a float32 model on the CPU gets its linear layers'
-    weights prepacked for oneDNN (:func:`vaswani.cpu_linears.pack_linear_layers`) and its decoder layers fused
+    weights laid out once for oneDNN or MKL, whichever multiplies faster on this CPU
+    (:func:`vaswani.cpu_linears.pack_linear_layers`), and its decoder layers fused
     (:func:`vaswani.fused_decoder.fuse_decoder_layers`): the same function, faster at decoding's few rows per step.
     Pass ``fast_linears=False`` for a model to train, save or convert.
 
