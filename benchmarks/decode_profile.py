@@ -27,7 +27,7 @@ import torch
 from multi30k_data import add_data_argument, require_files
 
 from vaswani import decoding, fused_decoder
-from vaswani.cpu_linears import pack_linear_layers
+from vaswani.cpu_linears import pack_linear_layers, product_backend
 from vaswani.perf import cpu_description
 from vaswani.training.data import read_lines
 from vaswani.translate import DEFAULT_MAX_TOKENS, load_translation_model, translate
@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     timer = PartTimer()
     parts = [*instrument(model, timer), REST]
     print(f"Date {datetime.date.today()}, {cpu_description()}, torch {torch.__version__}; {args.model} "
-          f"({args.dtype}, {type(model.lm_head).__name__}, {type(model.model.decoder.layers[0]).__name__}), "
+          f"({args.dtype}, {type(model.lm_head).__name__} with {product_backend()} products, "
+          f"{type(model.model.decoder.layers[0]).__name__}), "
           f"{len(sentences)} sentences, beam 4, "
           f"max_tokens {args.max_tokens}; median of {args.repeats} passes.\n")
     lines = ["| part | " + " | ".join(f"{t} thread(s)" for t in args.threads.split(",")) + " |",

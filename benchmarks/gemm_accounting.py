@@ -8,6 +8,9 @@ calls by weight shape (input × output features) and prints, per engine, the row
 milliseconds and the GFLOP/s; and the engine's whole translation, timed in a second child without the log. It
 tells "more products" (padding, extra steps) from "slower products" and from time outside the products.
 
+Ours run with oneDNN's products (``VASWANI_CPU_PRODUCTS=onednn``), which its log records, even where
+``vaswani translate`` would choose MKL's (:func:`vaswani.cpu_linears.product_backend`).
+
 Attention's per-head products are not linear layers: PyTorch runs them in MKL, which oneDNN does not log, so they
 are left out for both engines. The log's own overhead makes small calls look slower than they are.
 
@@ -81,7 +84,7 @@ def _child_run(args: argparse.Namespace, engine: str, folder: str, verbose: bool
     command = [sys.executable, __file__, args.model, "--source", args.source, "--limit", str(args.limit),
                "--threads", str(args.threads), "--max-tokens", str(args.max_tokens), "--worker", engine,
                "--folder", folder]
-    env = {**os.environ, "ONEDNN_VERBOSE": "1" if verbose else "0"}
+    env = {**os.environ, "ONEDNN_VERBOSE": "1" if verbose else "0", "VASWANI_CPU_PRODUCTS": "onednn"}
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     body, _, end = out.split("START\n", 1)[1].rpartition("END ")
     return body, float(end.split()[0])

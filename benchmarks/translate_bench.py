@@ -43,7 +43,7 @@ import torch
 from multi30k_data import add_data_argument, require_files
 
 from vaswani.convert import vaswani_to_marian
-from vaswani.cpu_linears import pack_linear_layers
+from vaswani.cpu_linears import pack_linear_layers, product_backend
 from vaswani.perf import cpu_description, tune_allocator
 from vaswani.training.data import read_lines
 from vaswani.translate import DEFAULT_MAX_TOKENS, load_translation_model, token_batches, translate
@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     reference = outputs.get("vaswani translate, fp32")
     print(f"Date {datetime.date.today()}, {cpu_description()}; torch {torch.__version__}, {_ct2_version()}; "
           f"{args.threads} threads; {len(sources)} sentences, beam {BEAM}, max_tokens {args.max_tokens}, "
-          f"median of {args.repeats} after a first pass; allocator: {allocator}; {args.model}\n")
+          f"median of {args.repeats} after a first pass; allocator: {allocator}; float32 products: "
+          f"{product_backend()}; {args.model}\n")
     print("| system | sentences/s | × CTranslate2 fp32 | first pass, sentences/s | BLEU "
           "| lines identical to vaswani fp32 |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -205,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{row['bleu']:.2f} | "
               f"{'' if same is None else f'{same:.1%}'} |", flush=True)
     if args.json:
-        report = {"cpu": cpu_description(), "threads": args.threads, "allocator": allocator, "rows": rows}
+        report = {"cpu": cpu_description(), "threads": args.threads, "allocator": allocator,
+                  "products": product_backend(), "rows": rows}
         Path(args.json).write_text(json.dumps(report, indent=2))
 
 
