@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 from helpers import tiny_model
@@ -216,3 +218,9 @@ def test_the_measurement_times_both_backends_on_one_thread_and_restores_the_thre
         torch.set_num_threads = original
     assert set(seconds) == {"onednn", "mkl"} and all(value > 0 for value in seconds.values())
     assert seen == [1, threads] and torch.get_num_threads() == threads
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available(),
+                    reason="oneDNN's prepacked linear is checked on x86 builds with mkldnn")
+def test_prepacking_is_available_on_x86():
+    assert can_prepack()  # were it to fail (e.g. by recursing into the backend choice), every fast path would be off
