@@ -8,8 +8,8 @@ for one of these when a model is loaded for translation (:func:`vaswani.translat
   its blocked layout, or MKL's sgemm on the weight transposed. A plain ``F.linear`` lays the weight out for the
   kernel again on every call, which costs most at decoding's few rows per step (tens of hypotheses against a
   vocabulary-sized output layer). Same function, the sums taken in another order (differences around 1e-6); the
-  model still trains and saves. Neither backend is the faster on every CPU (MKL has its own kernels for AMD's
-  AVX2 cores, oneDNN uses AVX-512 on AMD's and Intel's newer ones), so the faster is measured once per process.
+  model still trains and saves. Neither backend is the faster on every CPU (each picks its kernels by CPU model
+  and instruction set; docs/performance.md has the measurements), so the faster is measured once per process.
   oneDNN compiles a kernel for every row count it multiplies and keeps the last 1,024; decoding's row counts
   (live hypotheses, source tokens per batch) vary from step to step and batch to batch, so its products pad their
   rows to a multiple of :data:`ROW_MULTIPLE` (:func:`padded_rows`): a few kernels, compiled once, instead of one per
