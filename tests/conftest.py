@@ -16,14 +16,24 @@ def model():
     return tiny_model()
 
 
-@pytest.fixture(params=["onednn", "mkl"])
-def products_backend(request, monkeypatch):
-    """Each test using it runs once with each backend of the float32 CPU products (vaswani.cpu_linears)."""
+@pytest.fixture
+def set_products_backend(monkeypatch):
+    """A function that sets ``VASWANI_CPU_PRODUCTS`` (a backend of vaswani.cpu_linears, or a bad value) for this
+    test and has the backend chosen again from it; after the test, it is chosen again from the restored one."""
     from vaswani.cpu_linears import product_backend
 
+    def set_backend(name: str) -> None:
+        monkeypatch.setenv("VASWANI_CPU_PRODUCTS", name)
+        product_backend.cache_clear()
+
+    yield set_backend
+    product_backend.cache_clear()
+
+
+@pytest.fixture(params=["onednn", "mkl"])
+def products_backend(request, set_products_backend):
+    """Each test using it runs once with each backend of the float32 CPU products (vaswani.cpu_linears)."""
     if request.param == "mkl" and not torch.backends.mkl.is_available():
         pytest.skip("this torch has no MKL")
-    monkeypatch.setenv("VASWANI_CPU_PRODUCTS", request.param)
-    product_backend.cache_clear()
-    yield request.param
-    product_backend.cache_clear()  # the next call measures (or reads the environment) again
+    set_products_backend(request.param)
+    return request.param

@@ -159,7 +159,7 @@ def test_products_of_any_row_count_are_the_layer_on_those_rows(products_backend)
 
 
 @needs_prepack
-def test_a_changed_backend_lays_the_weight_out_again(monkeypatch):
+def test_a_changed_backend_lays_the_weight_out_again(set_products_backend):
     torch.manual_seed(0)
     linear = nn.Linear(24, 40)
     packed, x = PackedLinear.from_linear(linear), torch.randn(5, 24)
@@ -167,33 +167,26 @@ def test_a_changed_backend_lays_the_weight_out_again(monkeypatch):
         for backend in ("onednn", "mkl", "onednn"):
             if backend == "mkl" and not torch.backends.mkl.is_available():
                 continue
-            monkeypatch.setenv("VASWANI_CPU_PRODUCTS", backend)
-            product_backend.cache_clear()
+            set_products_backend(backend)
             torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
             assert packed._packed_key[0] == backend
-    product_backend.cache_clear()
 
 
-def test_the_backend_named_in_the_environment_is_used_or_refused(monkeypatch):
-    monkeypatch.setenv("VASWANI_CPU_PRODUCTS", " OneDNN ")
-    product_backend.cache_clear()
+def test_the_backend_named_in_the_environment_is_used_or_refused(set_products_backend):
+    set_products_backend(" OneDNN ")
     assert product_backend() == "onednn"
-    monkeypatch.setenv("VASWANI_CPU_PRODUCTS", "blas")
-    product_backend.cache_clear()
+    set_products_backend("blas")
     with pytest.raises(ValueError, match="'blas' is not a backend: use one of onednn, mkl, or leave it unset"):
         product_backend()
-    product_backend.cache_clear()
 
 
 @needs_prepack
-def test_a_bad_backend_stops_the_cli_with_the_fix(folder, tmp_path, monkeypatch, capsys):
+def test_a_bad_backend_stops_the_cli_with_the_fix(folder, tmp_path, set_products_backend, capsys):
     source = tmp_path / "in.txt"
     source.write_text("A dog runs.\n")
-    monkeypatch.setenv("VASWANI_CPU_PRODUCTS", "blas")
-    product_backend.cache_clear()
+    set_products_backend("blas")
     with pytest.raises(SystemExit) as stop:
         main(["translate", str(folder), "-i", str(source), "--no-progress"])
-    product_backend.cache_clear()
     assert stop.value.code == 2
     error = capsys.readouterr().err
     assert "VASWANI_CPU_PRODUCTS='blas' is not a backend" in error and "Traceback" not in error
