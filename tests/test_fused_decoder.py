@@ -75,6 +75,36 @@ def test_step_logits_match_the_model_layers_within_1e_5(activation, attention, p
         torch.testing.assert_close(step_got, step_expected, rtol=0, atol=1e-5)
 
 
+def test_rows_are_padded_only_for_the_backend_that_wants_it(products_backend, monkeypatch):
+    """oneDNN's products get a multiple of ROW_MULTIPLE rows (few kernels to compile); MKL's get the hypotheses'
+    rows alone, as padding would only add rows to multiply. The logits are the same either way."""
+    from vaswani import fused_decoder
+    from vaswani.cpu_linears import ROW_MULTIPLE, row_multiple
+    from vaswani.decoding import IncrementalDecoder
+
+    model = fuse_decoder_layers(pack_linear_layers(tiny_model(seed=6)))
+    ids, mask = padded_batch(lengths=(8, 5, 6))
+    rows_multiplied = []
+    original = fused_decoder.product
+
+    def recording(x, *args, **kwargs):
+        rows_multiplied.append(x.shape[0])
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(fused_decoder, "product", recording)
+    with torch.no_grad():
+        encoder_states = model.model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        beams = 3  # 3 sentences × 3 beams: 9 rows, not a multiple of ROW_MULTIPLE
+        decoder = IncrementalDecoder(model, encoder_states, mask, beams=beams, steps=2)
+        decoder.next_token_logits(torch.full((9,), 2))  # the first position: one row per sentence
+        rows_multiplied.clear()
+        logits = decoder.next_token_logits(torch.full((9,), 7))
+    expected = ROW_MULTIPLE if products_backend == "onednn" else 1
+    assert row_multiple() == expected
+    assert rows_multiplied and set(rows_multiplied) == {9 + -9 % expected}
+    assert logits.shape == (9, model.config.vocab_size) and torch.isfinite(logits).all()
+
+
 def test_the_layers_own_forward_runs_in_training_and_with_gradients(count_fused):
     model = fuse_decoder_layers(tiny_model(seed=1))
     ids, mask = padded_batch()

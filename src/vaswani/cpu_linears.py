@@ -127,20 +127,26 @@ def prepack(weight: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
-#: The products of :func:`product` and :func:`product_plus` run over a multiple of this many rows.
+#: oneDNN's products in :func:`product` and :func:`product_plus` run over a multiple of this many rows.
 ROW_MULTIPLE = 16
 
 
-def padded_rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (2-D) with zero rows appended up to a multiple of :data:`ROW_MULTIPLE` (``x`` itself if it is one)."""
-    extra = -x.shape[0] % ROW_MULTIPLE
+def row_multiple() -> int:
+    """What :func:`product_backend`'s products want their row counts to be a multiple of: :data:`ROW_MULTIPLE`
+    for oneDNN, 1 for MKL, which compiles nothing per row count (padding would only add rows to multiply)."""
+    return ROW_MULTIPLE if product_backend() == "onednn" else 1
+
+
+def padded_rows(x: torch.Tensor, multiple: int = ROW_MULTIPLE) -> torch.Tensor:
+    """``x`` (2-D) with zero rows appended up to a multiple of ``multiple`` (``x`` itself if it is one)."""
+    extra = -x.shape[0] % multiple
     return torch.nn.functional.pad(x, (0, 0, 0, extra)) if extra else x
 
 
-def padded_empty(rows: int, columns: int, like: torch.Tensor) -> torch.Tensor:
+def padded_empty(rows: int, columns: int, like: torch.Tensor, multiple: int = ROW_MULTIPLE) -> torch.Tensor:
     """A ``[rows, columns]`` tensor (``like``'s dtype and device) to be written, followed by zero rows up to a
-    multiple of :data:`ROW_MULTIPLE`, as :func:`padded_rows` would give it."""
-    out = like.new_empty(rows + -rows % ROW_MULTIPLE, columns)
+    multiple of ``multiple``, as :func:`padded_rows` would give it."""
+    out = like.new_empty(rows + -rows % multiple, columns)
     out[rows:].zero_()
     return out
 

@@ -35,6 +35,7 @@ from .cpu_linears import (
     product,
     product_backend,
     product_plus,
+    row_multiple,
 )
 from .decoding import Segment
 from .modeling import AddNorm, DecoderLayer
@@ -96,12 +97,12 @@ def _weights_key(layer: DecoderLayer) -> tuple | None:
     return (product_backend(), *((t.data_ptr(), t._version) for t in tensors))
 
 
-def _padded_rows_of(parts: list[torch.Tensor]) -> torch.Tensor:
+def _padded_rows_of(parts: list[torch.Tensor], multiple: int) -> torch.Tensor:
     """The parts' rows one after the other, padded as :func:`vaswani.cpu_linears.padded_rows` pads (one copy)."""
     if len(parts) == 1:
-        return padded_rows(parts[0])
+        return padded_rows(parts[0], multiple)
     total = sum(part.shape[0] for part in parts)
-    out = padded_empty(total, parts[0].shape[1], parts[0])
+    out = padded_empty(total, parts[0].shape[1], parts[0], multiple)
     torch.cat(parts, out=out[:total])
     return out
 
@@ -161,14 +162,16 @@ class FusedDecoderLayer(DecoderLayer):
         shapes = [segment.hidden.shape for segment in segments]
         rows = [batch * length for batch, length, _ in shapes]
         total = sum(rows)
-        # The rows stay padded to the products' multiple (cpu_linears.padded_rows) from layer input to output:
+        # The rows stay padded to the products' multiple (cpu_linears.row_multiple) from layer input to output:
         # only the attention outputs are written into padded buffers, not every product's input copied.
-        x = _padded_rows_of([segment.hidden.reshape(-1, shape[-1]) for segment, shape in zip(segments, shapes)])
+        multiple = row_multiple()
+        hidden = [segment.hidden.reshape(-1, shape[-1]) for segment, shape in zip(segments, shapes)]
+        x = _padded_rows_of(hidden, multiple)
 
         def per_batch(projected: torch.Tensor, attend) -> torch.Tensor:
             """The heads ``[batch, heads, length, ·]`` of each batch's rows of ``projected``, attended by
             ``attend``, concatenated (§3.2.2) into rows padded as ``x``'s (the padding zero)."""
-            out = padded_empty(total, heads * d_k, projected)
+            out = padded_empty(total, heads * d_k, projected, multiple)
             parts = zip(projected[:total].split(rows), out[:total].split(rows), shapes, segments)
             for part, dest, (batch, length, _), segment in parts:
                 attended = attend(part.view(batch, length, -1, heads, d_k).transpose(1, 3).squeeze(2), segment)
