@@ -77,7 +77,8 @@ def test_step_logits_match_the_model_layers_within_1e_5(activation, attention, p
 
 def test_rows_are_padded_only_for_the_backend_that_wants_it(products_backend, monkeypatch):
     """oneDNN's products get a multiple of ROW_MULTIPLE rows (few kernels to compile); MKL's get the hypotheses'
-    rows alone, as padding would only add rows to multiply. The logits are the same either way."""
+    rows alone, as padding would only add rows to multiply. (That the logits are the model layers' with either
+    backend is test_step_logits_match_the_model_layers_within_1e_5.)"""
     from vaswani import fused_decoder
     from vaswani.cpu_linears import ROW_MULTIPLE, row_multiple
     from vaswani.decoding import IncrementalDecoder
