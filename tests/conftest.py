@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -9,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # that they tune them where this is unset).
 os.environ["VASWANI_TUNE_CPU"] = "0"
 torch.set_num_threads(2)
+# vaswani.kernels compiles into a cache of this session's own (the compiler runs in every test session).
+os.environ["VASWANI_CACHE"] = tempfile.mkdtemp(prefix="vaswani-tests-")
+atexit.register(shutil.rmtree, os.environ["VASWANI_CACHE"], True)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import torch
 from helpers import padded_batch, tiny_model
 from torch import nn
 
+from vaswani import kernels
 from vaswani.cpu_linears import can_prepack, pack_linear_layers
 from vaswani.decoding import TOP_K_BLOCK, top_k_per_row
 from vaswani.fused_decoder import FusedDecoderLayer, fuse_decoder_layers
@@ -38,10 +39,21 @@ def count_fused(monkeypatch):
     return calls
 
 
+@pytest.fixture(params=["kernels", "torch"])
+def attention_code(request, monkeypatch):
+    """Each test using it runs once with the native attention kernels (vaswani.kernels) and once with torch's."""
+    if request.param == "kernels" and not kernels.available():
+        pytest.skip("no C compiler built vaswani's kernels here")
+    monkeypatch.setenv("VASWANI_KERNELS", "1" if request.param == "kernels" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("loop", ["vaswani", "transformers"])
 @pytest.mark.parametrize("search", SEARCHES)
 @pytest.mark.parametrize("normalize_before", [False, True])
-def test_search_results_are_those_of_the_model_layers(loop, search, normalize_before, count_fused, products_backend):
+def test_search_results_are_those_of_the_model_layers(
+    loop, search, normalize_before, count_fused, products_backend, attention_code
+):
     model = tiny_model(seed=3, normalize_before=normalize_before)
     ids, mask = padded_batch(lengths=(9, 6, 3, 7))
     kwargs = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 12, "decoding_loop": loop, **search}
@@ -54,7 +66,7 @@ def test_search_results_are_those_of_the_model_layers(loop, search, normalize_be
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])  # ReLU inside the product; GELU after it
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])  # boolean masks; additive masks
-def test_step_logits_match_the_model_layers_within_1e_5(activation, attention, products_backend):
+def test_step_logits_match_the_model_layers_within_1e_5(activation, attention, products_backend, attention_code):
     from vaswani.decoding import IncrementalDecoder
 
     model = tiny_model(seed=5, activation_function=activation)

@@ -349,10 +349,16 @@ class IncrementalDecoder:
             self.self_cache.append(self._buffers(key, min(self.steps, FIRST_CACHE_STEPS)))
         elif self.step == self.self_cache[layer_idx][0].shape[2]:
             self.self_cache[layer_idx] = self._grown(self.self_cache[layer_idx])
-        keys, values = (buffer[: self.sentences] for buffer in self.self_cache[layer_idx])
+        keys, values = self.slot_buffers(layer_idx)
         keys[:, :, self.step] = key
         values[:, :, self.step] = value
         return keys[:, :, : self.step + 1].flatten(2, 3), values[:, :, : self.step + 1].flatten(2, 3)
+
+    def slot_buffers(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer_idx``'s keys and values of the current sentences, ``[sentences, heads, positions, beams,
+        d_k]`` (position p of hypothesis b lies in slot ``ancestry[sentence, b, p]``)."""
+        keys, values = self.self_cache[layer_idx]
+        return keys[: self.sentences], values[: self.sentences]
 
     def _buffers(self, like: torch.Tensor, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Key and value buffers ``[sentences, heads, positions, beams, d_k]`` for keys shaped like ``like``."""

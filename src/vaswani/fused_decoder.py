@@ -8,7 +8,9 @@ seven weight matrices, and on a CPU much of a step goes to the operations betwee
 * the masked self-attention's Q, K and V projections (§3.2.2) as one product, their weights side by side;
 * each sub-layer's residual connection (§3.1, x + Sublayer(x)) added inside the sub-layer's last product;
 * the feed-forward network's ReLU (§3.3, Eq. 2) applied with its first product (inside it, with oneDNN);
-* both attentions, a few queries per sentence, as Eq. 1 written out (:func:`attention`), not torch's fused kernel;
+* both attentions, a few queries per sentence, as Eq. 1 written out (:func:`attention`), not torch's fused kernel,
+  or, where a C compiler built them, in one native call each (:mod:`vaswani.kernels`), the masked self-attention of
+  beam search then reading only the keys of each hypothesis' own prefix;
 
 with every weight laid out once for the products' backend (oneDNN or MKL), as
 :class:`vaswani.cpu_linears.PackedLinear` does. The sums are taken in another order (differences around 1e-6).
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import kernels
 from .cpu_linears import (
     Packed,
     PackedLinear,
@@ -37,7 +40,7 @@ from .cpu_linears import (
     product_plus,
     row_multiple,
 )
-from .decoding import Segment
+from .decoding import IncrementalDecoder, Segment
 from .modeling import AddNorm, DecoderLayer
 
 #: Attention implementations whose masks :func:`attention` reads as they are (boolean or additive).
@@ -170,22 +173,33 @@ class FusedDecoderLayer(DecoderLayer):
 
         def per_batch(projected: torch.Tensor, attend) -> torch.Tensor:
             """The heads ``[batch, heads, length, ·]`` of each batch's rows of ``projected``, attended by
-            ``attend``, concatenated (§3.2.2) into rows padded as ``x``'s (the padding zero)."""
+            ``attend`` into their place in rows padded as ``x``'s (the padding zero), heads concatenated (§3.2.2)."""
             out = padded_empty(total, heads * d_k, projected, multiple)
             parts = zip(projected[:total].split(rows), out[:total].split(rows), shapes, segments)
             for part, dest, (batch, length, _), segment in parts:
-                attended = attend(part.view(batch, length, -1, heads, d_k).transpose(1, 3).squeeze(2), segment)
-                dest.view(batch, length, heads, d_k).copy_(attended.transpose(1, 2))
+                part_heads = part.view(batch, length, -1, heads, d_k).transpose(1, 3).squeeze(2)
+                attend(part_heads, segment, dest.view(batch, length, heads, d_k).transpose(1, 2))
             return out
 
-        def self_attention(qkv: torch.Tensor, segment: Segment) -> torch.Tensor:
-            query, key, value = qkv.unbind(2)
-            keys, values = segment.cache.self_attention_cache.update(key, value, layer)
-            return attention(query, keys, values, segment.self_mask)
+        native = kernels.available()
 
-        def cross_attention(query: torch.Tensor, segment: Segment) -> torch.Tensor:
+        def self_attention(qkv: torch.Tensor, segment: Segment, out: torch.Tensor) -> None:
+            query, key, value = qkv.unbind(2)
+            cache = segment.cache.self_attention_cache
+            keys, values = cache.update(key, value, layer)
+            if native and isinstance(cache, IncrementalDecoder):
+                kernels.attend_slots(query, *cache.slot_buffers(layer), cache.ancestry, cache.step + 1, out)
+            elif native:
+                kernels.attend(query, keys, values, segment.self_mask, out)
+            else:
+                out.copy_(attention(query, keys, values, segment.self_mask))
+
+        def cross_attention(query: torch.Tensor, segment: Segment, out: torch.Tensor) -> None:
             source = segment.cache.cross_attention_cache.layers[layer]
-            return attention(query, source.keys, source.values, segment.cross_mask)
+            if native:
+                kernels.attend(query, source.keys, source.values, segment.cross_mask, out)
+            else:
+                out.copy_(attention(query, source.keys, source.values, segment.cross_mask))
 
         qkv = product(self.self_attn_add_norm.sublayer_input(x), weights.self_qkv)
         x = _residual(self.self_attn_add_norm, x, per_batch(qkv, self_attention), weights.self_out)
