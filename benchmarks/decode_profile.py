@@ -26,7 +26,7 @@ import time
 import torch
 from multi30k_data import add_data_argument, require_files
 
-from vaswani import decoding, fused_decoder
+from vaswani import decoding, fused_decoder, kernels
 from vaswani.cpu_linears import pack_linear_layers, product_backend
 from vaswani.perf import cpu_description
 from vaswani.training.data import read_lines
@@ -56,6 +56,7 @@ class PartTimer:
 
 
 NESTED = "decoder layers: the rest (Add & Norm, reshapes)"
+BEST = "log-softmax and each row's best tokens"
 
 
 def instrument(model, timer: PartTimer) -> list[str]:
@@ -63,15 +64,15 @@ def instrument(model, timer: PartTimer) -> list[str]:
     decoder = decoding.IncrementalDecoder
     decoder.__init__ = timer.wrap("decoder start (encoder-decoder keys and values)", decoder.__init__)
     decoder.select = timer.wrap("cache bookkeeping (re-ranked beams, sentences leaving)", decoder.select)
-    for name in ("beam_candidates", "_beam_step", "_update_improvable", "_apply_bounds"):
+    for name in ("beam_candidates", "_beam_step", "_update_improvable"):
         setattr(decoding, name, timer.wrap("beam-search step (top-k, finished hypotheses)", getattr(decoding, name)))
-    decoding.log_softmax_in_place = timer.wrap("log-softmax", decoding.log_softmax_in_place)
+    decoding.best_continuations = timer.wrap(BEST, decoding.best_continuations)
     encoder = model.model.encoder
     encoder.forward = timer.wrap("encoder", encoder.forward)
     layers = model.model.decoder.layers
     model.lm_head.forward = timer.wrap("output layer (× vocabulary)", model.lm_head.forward)
     head = ["encoder", "decoder start (encoder-decoder keys and values)"]
-    tail = ["output layer (× vocabulary)", "log-softmax", "beam-search step (top-k, finished hypotheses)",
+    tail = ["output layer (× vocabulary)", BEST, "beam-search step (top-k, finished hypotheses)",
             "cache bookkeeping (re-ranked beams, sentences leaving)"]
     if all(isinstance(layer, fused_decoder.FusedDecoderLayer) for layer in layers):
         # The fused path calls these module functions; the layers' own time less theirs is the rest.
@@ -79,6 +80,8 @@ def instrument(model, timer: PartTimer) -> list[str]:
                            ("product_plus", "decoder layers: matrix products"),
                            ("attention", "decoder layers: attention (Eq. 1)")):
             setattr(fused_decoder, name, timer.wrap(part, getattr(fused_decoder, name)))
+        for name in ("attend", "attend_slots"):  # the native kernels, where built (vaswani.kernels)
+            setattr(kernels, name, timer.wrap("decoder layers: attention (Eq. 1)", getattr(kernels, name)))
         decoder.update = timer.wrap("decoder layers: self-attention cache writes", decoder.update)
         for layer in layers:
             layer.forward = timer.wrap(NESTED, layer.forward)

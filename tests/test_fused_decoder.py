@@ -40,8 +40,8 @@ def count_fused(monkeypatch):
 
 
 @pytest.fixture(params=["kernels", "torch"])
-def attention_code(request, monkeypatch):
-    """Each test using it runs once with the native attention kernels (vaswani.kernels) and once with torch's."""
+def step_code(request, monkeypatch):
+    """Each test using it runs once with the native step kernels (vaswani.kernels) and once with torch's code."""
     if request.param == "kernels" and not kernels.available():
         pytest.skip("no C compiler built vaswani's kernels here")
     monkeypatch.setenv("VASWANI_KERNELS", "1" if request.param == "kernels" else "0")
@@ -52,7 +52,7 @@ def attention_code(request, monkeypatch):
 @pytest.mark.parametrize("search", SEARCHES)
 @pytest.mark.parametrize("normalize_before", [False, True])
 def test_search_results_are_those_of_the_model_layers(
-    loop, search, normalize_before, count_fused, products_backend, attention_code
+    loop, search, normalize_before, count_fused, products_backend, step_code
 ):
     model = tiny_model(seed=3, normalize_before=normalize_before)
     ids, mask = padded_batch(lengths=(9, 6, 3, 7))
@@ -66,7 +66,7 @@ def test_search_results_are_those_of_the_model_layers(
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])  # ReLU inside the product; GELU after it
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])  # boolean masks; additive masks
-def test_step_logits_match_the_model_layers_within_1e_5(activation, attention, products_backend, attention_code):
+def test_step_logits_match_the_model_layers_within_1e_5(activation, attention, products_backend, step_code):
     from vaswani.decoding import IncrementalDecoder
 
     model = tiny_model(seed=5, activation_function=activation)

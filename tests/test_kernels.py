@@ -122,3 +122,49 @@ def test_a_failing_compiler_is_reported_once(fresh_library, monkeypatch, caplog)
     warnings = [record.getMessage() for record in caplog.records]
     assert len(warnings) == 1 and "broken-cc: cannot compile" in warnings[0]
     assert not list((fresh_library / "kernels").glob("*.so"))
+
+
+@needs_kernels
+@pytest.mark.parametrize("vocab", [8000, 97, 64 * 9 + 5])
+@pytest.mark.parametrize("count", [1, 8])
+def test_log_softmax_top_k_is_topk_of_log_softmax(vocab, count):
+    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(vocab)) * 4
+    values, columns, normalizers = kernels.log_softmax_top_k(logits, count)
+    expected = torch.log_softmax(logits, -1).topk(count)
+    torch.testing.assert_close(values, expected.values, rtol=0, atol=2e-6)
+    assert torch.equal(columns, expected.indices)
+    torch.testing.assert_close(normalizers, torch.logsumexp(logits, -1), rtol=0, atol=2e-6)
+
+
+@needs_kernels
+def test_a_skipped_column_counts_in_the_normalizer_only():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    logits[:, 7] = 10.0  # the best column of every row
+    skip = torch.tensor([True, False, True])
+    values, columns, normalizers = kernels.log_softmax_top_k(logits, 4, skip, 7)
+    log_probs = torch.log_softmax(logits, -1)
+    assert (columns[skip] != 7).all() and (columns[~skip, 0] == 7).all()
+    torch.testing.assert_close(values, log_probs.gather(1, columns), rtol=0, atol=2e-6)
+    all_but_one = kernels.log_softmax_top_k(logits[:1], 50, skip[:1], 7)  # more columns asked than may be chosen
+    assert all_but_one[1][0, -1] == 7 and all_but_one[0][0, -1] == float("-inf")
+
+
+@needs_kernels
+def test_best_continuations_keep_the_length_bounds(monkeypatch):
+    """Rows that may not end yet never get </s>; rows at their limit get only </s> (-inf where it may not end
+    either): the same candidates from the kernel as from log-softmax, the bounds and top-k in torch."""
+    from vaswani.decoding import best_continuations
+
+    eos, rows = 2, 6
+    logits = torch.randn(rows, 300, generator=torch.Generator().manual_seed(1)) * 3
+    logits[:, eos] = 8.0
+    generated = torch.tensor([0, 1, 5, 9, 9, 3])
+    least = torch.tensor([2, 0, 0, 0, 10, 0])  # row 0 too short, row 4 too short and at its limit
+    limits = torch.tensor([20, 20, 20, 10, 10, 4])  # rows 3, 4, 5 at their limit
+    native = best_continuations(logits.clone(), generated, limits, least, eos, 8)
+    monkeypatch.setenv("VASWANI_KERNELS", "0")
+    expected = best_continuations(logits.clone(), generated, limits, least, eos, 8)
+    torch.testing.assert_close(native[0], expected[0], rtol=0, atol=2e-6)
+    finite = expected[0].isfinite()
+    assert torch.equal(native[1][finite], expected[1][finite])
+    assert (native[1][0] != eos).all() and native[0][4].isinf().all() and (native[1][[3, 5], 0] == eos).all()

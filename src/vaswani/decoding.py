@@ -26,7 +26,7 @@ do; ``generate()`` then uses transformers' loop, as it does when asked with ``de
 per-sentence output limit (§6.1) is a logits processor, :class:`SentenceLengthLimit`, that both loops apply.
 
 This file is copied next to a saved model (``generation.py`` imports it), so it imports only torch and
-transformers.
+transformers, and :mod:`vaswani.kernels` where it runs inside the package.
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from transformers.generation.logits_process import MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.masking_utils import create_bidirectional_mask
+
+try:  # inside the vaswani package; a copy next to a saved model keeps to torch's operations
+    from . import kernels
+except ImportError:
+    kernels = None
 
 # ----------------------------------------------------------------------------------------------------------
 # The paper's length penalty and output limit (§6.1)
@@ -595,15 +600,37 @@ def queries_per_sentence(decoders: list[IncrementalDecoder]) -> int | torch.Tens
     return torch.cat([torch.full((decoder.sentences,), decoder.queries, device=device) for decoder in decoders])
 
 
-def beam_candidates(
-    log_probs: torch.Tensor, queries: int | torch.Tensor, k: int
+def best_continuations(
+    logits: torch.Tensor, generated: torch.Tensor, limits: torch.Tensor, least: torch.Tensor, eos: int, count: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each beam's best ``min(2k, vocab)`` continuations (log-probs and tokens, ``[b·k, ·]``) from the rows of
-    :func:`next_token_logits_of` (``queries`` per sentence, :func:`queries_per_sentence`). The top 2k continuations
-    of a sentence (2k, so that k of them do not end in ``</s>``) are among the top 2k of each of its beams: those
-    are all that get the beam's score added (not ``[b, k, vocab]`` of them). A row shared by a sentence's beams
-    (its first position) is copied to each of them only here, as 2k numbers instead of a vocabulary's."""
-    best = top_k_per_row(log_probs, min(2 * k, log_probs.shape[-1]))
+    """Each row's ``count`` best next tokens and their log-probabilities (``[rows, count]``, best first), with
+    ``</s>`` ruled out or forced as :func:`_apply_bounds` rules (``generated``, ``limits``, ``least``: per row):
+    log-softmax over the vocabulary, the bounds, then :func:`top_k_per_row`. Inside the vaswani package, where its
+    native kernels are built (:mod:`vaswani.kernels`), one pass over the float32 CPU logits instead, writing only
+    the chosen; among equal log-probabilities either may then choose another token."""
+    if kernels is None or logits.dtype != torch.float32 or logits.device.type != "cpu" or not kernels.available():
+        log_probs = _apply_bounds(log_softmax_in_place(logits), generated, limits, least, eos)
+        return top_k_per_row(log_probs, count)
+    too_short = generated < least
+    values, tokens, normalizers = kernels.log_softmax_top_k(logits, count, too_short, eos)
+    last_step = (generated + 1 >= limits).nonzero()[:, 0]
+    if last_step.numel():  # only </s>, with its own log-probability (-inf where it is ruled out), as in fairseq
+        eos_scores = (logits[last_step, eos] - normalizers[last_step]).masked_fill_(too_short[last_step], -math.inf)
+        values[last_step] = -math.inf
+        values[last_step, 0] = eos_scores
+        tokens[last_step, 0] = eos
+    return values, tokens
+
+
+def beam_candidates(
+    best: tuple[torch.Tensor, torch.Tensor], queries: int | torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each beam's best ``min(2k, vocab)`` continuations (log-probs and tokens, ``[b·k, ·]``) from those of the
+    rows of :func:`next_token_logits_of` (``best``, :func:`best_continuations`; ``queries`` rows per sentence,
+    :func:`queries_per_sentence`). The top 2k continuations of a sentence (2k, so that k of them do not end in
+    ``</s>``) are among the top 2k of each of its beams: those are all that get the beam's score added (not
+    ``[b, k, vocab]`` of them). A row shared by a sentence's beams (its first position) is copied to each of them
+    only here, as 2k numbers instead of a vocabulary's."""
     if isinstance(queries, int):
         return best if queries == k else tuple(part.repeat_interleave(k // queries, dim=0) for part in best)
     copies = torch.repeat_interleave(k // queries, queries)
@@ -765,10 +792,10 @@ def beam_search_stream(
         queries = queries_per_sentence(cohorts)
         last_tokens = beams.running.gather(2, (prompt - 1 + beams.generated).view(b, 1, 1).expand(b, k, 1))
         logits = next_token_logits_of(cohorts, [tokens.reshape(-1) for tokens in last_tokens.split(sizes)])
-        log_probs = log_softmax_in_place(logits)
         rows_of = partial(torch.repeat_interleave, repeats=queries)
-        log_probs = _apply_bounds(log_probs, rows_of(beams.generated), rows_of(beams.limits), rows_of(beams.least), eos)
-        parents = _beam_step(beams, *beam_candidates(log_probs, queries, k), prompt, eos, lp, early_stopping)
+        bounds = rows_of(beams.generated), rows_of(beams.limits), rows_of(beams.least)
+        best = best_continuations(logits, *bounds, eos, min(2 * k, logits.shape[-1]))
+        parents = _beam_step(beams, *beam_candidates(best, queries, k), prompt, eos, lp, early_stopping)
         _update_improvable(beams, alpha, lp, early_stopping)
         done = _sentence_done(beams, early_stopping)
         ended = bool(done.any())

@@ -40,8 +40,9 @@ static inline void dot4(const float *q, const float *k0, const float *k1, const 
 
 /* e^x for x <= 0 (0 below -87, where float's normal range ends): e^x = 2^n e^r with n = round(x / ln 2), |r| <=
    ln 2 / 2, and e^r by its Taylor series to r^6 (relative error about 1e-7). Written without library calls so that
-   the compiler can vectorize the loops that use it. */
-#pragma omp declare simd
+   the compiler can vectorize the loops that use it (given -fno-trapping-math: its comparisons may then run on
+   every lane). */
+
 static inline float exp_nonpositive(float x) {
     float clamped = x < -87.0f ? -87.0f : x;
     float n = floorf(clamped * 1.44269504088896341f + 0.5f);
@@ -53,8 +54,10 @@ static inline float exp_nonpositive(float x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    union { int32_t bits; float value; } two_to_n = {.bits = ((int32_t)n + 127) << 23};
-    return x < -87.0f ? 0.0f : p * two_to_n.value;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float two_to_n;
+    memcpy(&two_to_n, &bits, sizeof two_to_n);
+    return x < -87.0f ? 0.0f : p * two_to_n;
 }
 
 static inline float row_max(const float *x, int n) {
@@ -64,19 +67,21 @@ static inline float row_max(const float *x, int n) {
     return m;
 }
 
-/* sum_i e^(x_i - m), and with `keep` the terms written over x. */
-static inline float sum_exp(float *x, int n, float m, int keep) {
+/* e^(x_i - m) written over x; returns their sum. */
+static inline float exp_in_place(float *x, int n, float m) {
     float sum = 0.0f;
-    if (keep) {
 #pragma omp simd reduction(+ : sum)
-        for (int i = 0; i < n; i++) {
-            x[i] = exp_nonpositive(x[i] - m);
-            sum += x[i];
-        }
-    } else {
-#pragma omp simd reduction(+ : sum)
-        for (int i = 0; i < n; i++) sum += exp_nonpositive(x[i] - m);
+    for (int i = 0; i < n; i++) {
+        x[i] = exp_nonpositive(x[i] - m);
+        sum += x[i];
     }
+    return sum;
+}
+
+static inline float sum_exp(const float *x, int n, float m) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int i = 0; i < n; i++) sum += exp_nonpositive(x[i] - m);
     return sum;
 }
 
@@ -94,7 +99,7 @@ static void attend_row(const float *q, const float *k, const float *v, const idx
         if (allowed && !allowed[p * mask_stride]) scores[p] = -INFINITY;
         if (additive) scores[p] += additive[p * mask_stride];
     }
-    float inverse = 1.0f / sum_exp(scores, n, row_max(scores, n), 1);
+    float inverse = 1.0f / exp_in_place(scores, n, row_max(scores, n));
     memset(out, 0, sizeof(float) * d);
     for (p = 0; p + 4 <= n; p += 4) {
         const float *v0 = v + offsets[p], *v1 = v + offsets[p + 1], *v2 = v + offsets[p + 2], *v3 = v + offsets[p + 3];
@@ -162,5 +167,53 @@ void attend_keys(const float *q, idx qs, idx qh, idx qb, const float *k, const f
         }
         free(scores);
         free(offsets);
+    }
+}
+
+/* Insert (value, column) into a row's k best so far (best first; an empty place has column -1). Among equal values
+   the earlier column stays ahead. */
+static inline void insert_best(float value, int64_t column, float *best, int64_t *columns, int k) {
+    int place = k - 1;
+    while (place > 0 && (columns[place - 1] < 0 || value > best[place - 1])) {
+        best[place] = best[place - 1];
+        columns[place] = columns[place - 1];
+        place--;
+    }
+    best[place] = value;
+    columns[place] = column;
+}
+
+/* Columns per block in the scan for each row's k best: a block is looked at one column at a time only where its
+   largest value would enter them. */
+#define TOP_K_BLOCK 64
+
+/* Each row's log-softmax and its k best columns (§6.1's beam search): values[r, j] = x[r, c] - log sum_i e^x[r, i]
+   for the k columns c with the largest x (best first), and normalizers[r] = log sum_i e^x[r, i]. Where skip[r] is
+   nonzero, column skip_column is not among the k (it still counts in the sum). One pass finds the maximum, one
+   sums the exponentials, and one keeps the k best, none writing a row back. */
+void log_softmax_top_k(const float *logits, idx row_stride, int rows, int vocab, int k, const uint8_t *skip,
+                       int64_t skip_column, float *values, int64_t *columns, float *normalizers) {
+    long work = (long)rows * vocab;
+#pragma omp parallel for schedule(static) if (work > 16 * PARALLEL_WORK)
+    for (int r = 0; r < rows; r++) {
+        const float *x = logits + r * row_stride;
+        float *best = values + (idx)r * k;
+        int64_t *chosen = columns + (idx)r * k;
+        int64_t skipped = skip && skip[r] ? skip_column : -1;
+        float m = row_max(x, vocab);
+        float log_sum = logf(sum_exp(x, vocab, m));
+        for (int j = 0; j < k; j++) best[j] = -INFINITY, chosen[j] = -1;
+        for (int start = 0; start < vocab; start += TOP_K_BLOCK) {
+            int end = start + TOP_K_BLOCK < vocab ? start + TOP_K_BLOCK : vocab;
+            if (chosen[k - 1] >= 0 && row_max(x + start, end - start) <= best[k - 1]) continue;
+            for (int c = start; c < end; c++)
+                if (c != skipped && (chosen[k - 1] < 0 || x[c] > best[k - 1])) insert_best(x[c], c, best, chosen, k);
+        }
+        for (int j = 0; j < k; j++) {
+            if (chosen[j] < 0) /* fewer than k columns to choose from: the skipped one, as -inf */
+                chosen[j] = skipped, best[j] = -INFINITY;
+            best[j] = (best[j] - m) - log_sum;
+        }
+        normalizers[r] = m + log_sum;
     }
 }

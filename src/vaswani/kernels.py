@@ -1,4 +1,5 @@
-"""Native kernels for one decoding step on the CPU: attention at one position (§3.2.1, Eq. 1) in one call.
+"""Native kernels for one decoding step on the CPU: attention at one position (§3.2.1, Eq. 1) in one call, and
+beam search's best continuations (§6.1) without writing a log-softmax over the vocabulary.
 
 Speed machinery beside the paper's code (:mod:`vaswani.fused_decoder` uses it). At one position a decoder layer's
 attention is a few queries per sentence against tens of keys: torch runs it as six operations (two products, the
@@ -6,7 +7,9 @@ scaling, the mask, the softmax, a copy into the layer's rows), each with a fixed
 operands, and the matrix library packs these small operands before multiplying them. ``kernels.c`` computes the
 same numbers in one pass per sentence and head, written straight into the layer's rows. In masked self-attention
 it also reads only the keys a hypothesis' own prefix holds (one per position, :func:`attend_slots`), where torch
-masks the keys of all k beam slots.
+masks the keys of all k beam slots. Beam search needs each hypothesis' few best next tokens and their
+log-probabilities: :func:`log_softmax_top_k` reads each row of logits three times (maximum, normalizer, best
+columns) and writes only those, where torch writes the whole log-softmax back and then searches it.
 
 The C source is compiled at first use with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``)
 for the machine's own CPU, cached under ``$VASWANI_CACHE`` (default ``~/.cache/vaswani``), and loaded with ctypes.
@@ -33,14 +36,18 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
 
-#: Compiler flags, best first: the CPU's own instructions and OpenMP threads, then plain optimized code.
-FLAGS = (("-O3", "-march=native", "-fopenmp"), ("-O3",))
+#: Compiler flags, best first: the CPU's own instructions and OpenMP threads, then plain optimized code. Without
+#: -fno-trapping-math the compiler keeps a branch per element where kernels.c selects between two values (a
+#: comparison may raise a floating-point exception flag), and the exponential's loops stay scalar.
+FLAGS = (("-O3", "-march=native", "-fopenmp", "-fno-trapping-math"), ("-O3", "-fno-trapping-math"))
 
 _ARGUMENTS = {
     # q, its strides; k, v, their strides; ancestry, its strides; out, its strides; sizes; scale
     "attend_slots": "P LLL PP LLLL P LLL P LLL IIIII F",
     # q, its strides; k, v, their strides; allowed, additive, the mask's strides; out, its strides; sizes; scale
     "attend_keys": "P LLL PP LLL PP LLLL P LLL IIIII F",
+    # logits, row stride; rows, vocab, k; skip, skip column; values, columns, normalizers
+    "log_softmax_top_k": "P L III P L PPP",
 }
 _CTYPES = {"P": ctypes.c_void_p, "L": ctypes.c_int64, "I": ctypes.c_int, "F": ctypes.c_float}
 
@@ -168,3 +175,26 @@ def attend(
         allowed, additive, *strides, out.data_ptr(), *out.stride()[:3],
         sentences, heads, queries, length, d_k, d_k**-0.5,
     )
+
+
+def log_softmax_top_k(
+    logits: torch.Tensor, count: int, skip: torch.Tensor | None = None, skip_column: int = -1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's ``count`` best columns of ``log_softmax(logits)`` (``[rows, vocab]``): their log-probabilities
+    and columns (``[rows, count]``, best first; among equal values the first column), and each row's normalizer
+    log Σ exp(logits) (``[rows]``). In rows where ``skip`` (boolean, ``[rows]``) is True, ``skip_column`` is not
+    chosen (it still counts in the normalizer)."""
+    _check(logits)
+    rows, vocab = logits.shape
+    if not 0 < count <= vocab:
+        raise ValueError(f"log_softmax_top_k chooses 1 to {vocab} columns, not {count}")
+    if skip is not None:
+        skip = skip.to(torch.bool).contiguous()
+    values = torch.empty(rows, count)
+    columns = torch.empty(rows, count, dtype=torch.int64)
+    normalizers = torch.empty(rows)
+    library().log_softmax_top_k(
+        logits.data_ptr(), logits.stride(0), rows, vocab, count, None if skip is None else skip.data_ptr(),
+        skip_column, values.data_ptr(), columns.data_ptr(), normalizers.data_ptr(),
+    )
+    return values, columns, normalizers
