@@ -194,7 +194,7 @@ static inline void insert_best(float value, int64_t column, float *best, int64_t
 void log_softmax_top_k(const float *logits, idx row_stride, int rows, int vocab, int k, const uint8_t *skip,
                        int64_t skip_column, float *values, int64_t *columns, float *normalizers) {
     long work = (long)rows * vocab;
-#pragma omp parallel for schedule(static) if (work > 16 * PARALLEL_WORK)
+#pragma omp parallel for schedule(static) if (work > PARALLEL_WORK)
     for (int r = 0; r < rows; r++) {
         const float *x = logits + r * row_stride;
         float *best = values + (idx)r * k;
