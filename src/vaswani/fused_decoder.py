@@ -123,6 +123,17 @@ def attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mas
     return torch.matmul(torch.softmax(scores, dim=-1), values)
 
 
+def _attention_into(
+    out: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+    native: bool,
+) -> None:
+    """:func:`attention` written into ``out``: in one native call with ``native`` (:func:`vaswani.kernels.attend`)."""
+    if native:
+        kernels.attend(query, keys, values, mask, out)
+    else:
+        out.copy_(attention(query, keys, values, mask))
+
+
 def _residual(add_norm: AddNorm, residual: torch.Tensor, attended: torch.Tensor, packed: Packed) -> torch.Tensor:
     """Add & Norm (§3.1) around a sub-layer whose last product is ``packed``, applied to ``attended``."""
     x = product_plus(attended, packed, residual)
@@ -189,17 +200,12 @@ class FusedDecoderLayer(DecoderLayer):
             keys, values = cache.update(key, value, layer)
             if native and isinstance(cache, IncrementalDecoder):
                 kernels.attend_slots(query, *cache.slot_buffers(layer), cache.ancestry, cache.step + 1, out)
-            elif native:
-                kernels.attend(query, keys, values, segment.self_mask, out)
             else:
-                out.copy_(attention(query, keys, values, segment.self_mask))
+                _attention_into(out, query, keys, values, segment.self_mask, native)
 
         def cross_attention(query: torch.Tensor, segment: Segment, out: torch.Tensor) -> None:
             source = segment.cache.cross_attention_cache.layers[layer]
-            if native:
-                kernels.attend(query, source.keys, source.values, segment.cross_mask, out)
-            else:
-                out.copy_(attention(query, source.keys, source.values, segment.cross_mask))
+            _attention_into(out, query, source.keys, source.values, segment.cross_mask, native)
 
         qkv = product(self.self_attn_add_norm.sublayer_input(x), weights.self_qkv)
         x = _residual(self.self_attn_add_norm, x, per_batch(qkv, self_attention), weights.self_out)
