@@ -232,6 +232,34 @@ def test_resume_never_trains_past_the_end(corpus_dir, tmp_path, capsys):
     assert json.loads((out / "vaswani_run.json").read_text())["result"]["steps"] == 6
 
 
+def test_the_run_file_is_never_seen_half_written(corpus_dir, tmp_path):
+    """At a resume the main process rewrites vaswani_run.json while the other processes read it: a reader never
+    finds it empty or cut short (a truncate-then-write once stopped a 2-process DeepSpeed resume)."""
+    import threading
+
+    from vaswani.training.run import RUN_FILE, write_run_file
+
+    settings = settings_for(corpus_dir, tmp_path / "run")
+    settings.output_dir.mkdir()
+    write_run_file(settings, "first")
+    done, seen = threading.Event(), []
+
+    def read_until_done() -> None:
+        while not done.is_set():
+            seen.append(json.loads((settings.output_dir / RUN_FILE).read_text())["run_id"])
+
+    reader = threading.Thread(target=read_until_done)
+    reader.start()
+    try:
+        for _ in range(300):
+            write_run_file(settings, "again")
+    finally:
+        done.set()
+        reader.join()
+    assert seen and set(seen) <= {"first", "again"}
+    assert [p.name for p in settings.output_dir.iterdir()] == [RUN_FILE]
+
+
 def test_config_contradicting_tokenizer(corpus_dir, tmp_path):
     from vaswani import VaswaniConfig
 

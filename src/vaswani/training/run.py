@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import time
 import uuid
@@ -216,7 +217,12 @@ def write_run_file(settings: TrainSettings, run_id: str, result: TrainResult | N
     }
     if result is not None:
         record["result"] = asdict(result)
-    (settings.output_dir / RUN_FILE).write_text(json.dumps(record, indent=2, default=str))
+    # Written whole under another name, then renamed: the other processes read this file while the main process
+    # rewrites it at a resume, and must never see it half-written.
+    run_file = settings.output_dir / RUN_FILE
+    partial = run_file.with_name(f".{RUN_FILE}.partial")
+    partial.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(partial, run_file)
 
 
 def finished_result(settings: TrainSettings) -> TrainResult | None:
