@@ -10,7 +10,8 @@
    batch, float32 and bfloat16, sentences/s (median of 3) and BLEU.
 3. Training steps of the base model on random batches, eager / SDPA / flex attention, bf16 / fp16 autocast.
 
-``--device cpu --limit 8`` runs every check on the CPU, to try the script without a GPU.
+``--device cpu --limit 8 --test-limit 40 --preset tiny`` runs every check on the CPU, to try the script without a
+GPU (tests/test_benchmarks.py does, on a tiny model).
 """
 
 from __future__ import annotations
@@ -195,13 +196,13 @@ def train_step_row(model, ids, labels, attention: str, dtype: torch.dtype, devic
     return f"| {attention} | {name} | loss {loss:.3f}, {labels.numel() / seconds:,.0f} target tokens/s |"
 
 
-def training_steps(device: str, batch: int) -> None:
+def training_steps(device: str, batch: int, preset: str) -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
-    config = VaswaniConfig.from_preset("base", vocab_size=8000)
+    config = VaswaniConfig.from_preset(preset, vocab_size=8000)
     ids = torch.randint(4, 8000, (batch, 32), device=device)
     labels = torch.randint(4, 8000, (batch, 32), device=device)
-    print(f"## Training steps: base model, vocabulary 8,000, batch {batch}x32, Adam, autocast (median of 10)\n")
+    print(f"## Training steps: {preset} model, vocabulary 8,000, batch {batch}x32, Adam, autocast (median of 10)\n")
     print("| attention | autocast | result |\n|---|---|---|")
     for attention in ("eager", "sdpa", "flex_attention"):
         model = VaswaniForConditionalGeneration(config).to(device).train()
@@ -219,6 +220,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=300, help="val sentences for the correctness checks")
     parser.add_argument("--test-limit", type=int, default=None, help="test sentences to decode (default: all)")
     parser.add_argument("--batch", type=int, default=128, help="rows of the training-step batches")
+    parser.add_argument("--preset", default="base", help="the model shape of the training steps")
     args = parser.parse_args()
     files = [args.data / f"{split}.{lang}.gz" for split in ("val", "test_2016_flickr") for lang in ("en", "de")]
     require_files(parser, *files)
@@ -229,7 +231,7 @@ def main() -> None:
     sources, references = (list(read_lines(file))[: args.test_limit] for file in files[2:])
     correctness(args.model, val + TYPED, args.device)
     decoding_speed(args.model, sources, references, args.device)
-    training_steps(args.device, args.batch)
+    training_steps(args.device, args.batch, args.preset)
     if args.device.startswith("cuda"):
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
